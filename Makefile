@@ -1,0 +1,29 @@
+# herd: one-command set-up, demo and tests. Every target creates the virtualenv first (idempotent).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.herd-installed
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/herd demo
+
+test: setup
+	$(PY) -m pytest -q || { rc=$$?; [ $$rc -eq 5 ] && echo 'pytest collected no tests'; exit 1; }
+
+bench: setup
+	$(PY) benchmarks/moe.py
+	$(PY) benchmarks/train_step.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,40 @@
+"""herd: the whole Llama 4 system in plain PyTorch.
+
+Public API (kept small and stable; other modules, tests and benchmarks use it):
+
+    import herd
+    model = herd.load_model("tiny" | "path/to/hf_dir", dtype=torch.float32)
+    logits = model(input_ids)                       # [B, T, vocab]
+    logits = model(input_ids, pixel_values=pv)      # pv [n_tiles, 3, H, W]
+    herd.save_model(model, out_dir)
+    tok = herd.load_tokenizer("llama4" | "path/to/dir")
+"""
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "ModelConfig": ("herd.config", "ModelConfig"),
+    "TextConfig": ("herd.config", "TextConfig"),
+    "VisionConfig": ("herd.config", "VisionConfig"),
+    "get_config": ("herd.presets", "get_config"),
+    "Llama4": ("herd.model.llama4", "Llama4"),
+    "build_model": ("herd.model.llama4", "build_model"),
+    "load_model": ("herd.model.weights", "load_model"),
+    "save_model": ("herd.model.weights", "save_model"),
+    "count_params": ("herd.params", "count_params"),
+    "load_tokenizer": ("herd.tokenizer", "load_tokenizer"),
+}
+
+
+def __getattr__(name):  # lazy imports keep `import herd` and `herd --help` fast
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'herd' has no attribute {name!r}")
+
+
+__all__ = list(_LAZY)

@@ -1,0 +1,121 @@
+"""Text self-attention with iRoPE: chunked-local RoPE layers interleaved with global NoPE layers.
+
+Per layer (placement from the config):
+  * RoPE layer  — rotary positions, optional weightless L2 QK-norm, causal attention *within*
+                  fixed chunks of `attention_chunk_size` positions (chunk = position // size);
+  * NoPE layer  — no positions at all, causal attention over the whole sequence, and at inference
+                  the query scaled by log(floor((pos + 1) / floor_scale) + 1) * attn_scale + 1.
+
+No T×T mask is ever built: global layers use SDPA's causal kernel (blockwise on CPU); chunked
+layers fold the chunks into the batch dimension, so memory is O(T · chunk).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from herd.config import TextConfig
+from herd.model.rope import apply_rope
+
+
+def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Weightless RMS normalisation over the last dim (Llama 4's QK-norm), computed in float32."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+
+
+def temperature_scale(positions: torch.Tensor, floor_scale: float, attn_scale: float) -> torch.Tensor:
+    """Query multiplier for NoPE layers at absolute positions [..., T] (float32)."""
+    return torch.log1p(torch.floor((positions.float() + 1.0) / floor_scale)) * attn_scale + 1.0
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """q [B, h, T, D], k/v [B, kv, T, D] → [B, h, T, D]; GQA handled by SDPA."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def chunked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int,
+                             start: int = 0) -> torch.Tensor:
+    """Causal attention restricted to chunks of absolute positions [c·chunk, (c+1)·chunk).
+
+    q [B, h, T, D], k/v [B, kv, T, D], positions start … start+T-1 (the same for every row).
+    Chunks are folded into the batch: [B, h, n·chunk, D] → [B·n, h, chunk, D].
+    """
+    B, h, T, D = q.shape
+    lead = (chunk - start % chunk) % chunk  # tokens before the first chunk boundary
+    if lead >= T:  # the whole input sits inside one chunk
+        return causal_attention(q, k, v)
+    parts = []
+    if lead:
+        parts.append(causal_attention(q[:, :, :lead], k[:, :, :lead], v[:, :, :lead]))
+    rest = T - lead
+    n = -(-rest // chunk)
+    pad = n * chunk - rest
+
+    def fold(x):  # [B, hh, rest, D] → [B·n, hh, chunk, D]
+        x = x[:, :, lead:]
+        if pad:
+            x = F.pad(x, (0, 0, 0, pad))  # padded queries sit after every real key: causal keeps them out
+        return x.unflatten(2, (n, chunk)).transpose(1, 2).flatten(0, 1)
+
+    out = causal_attention(fold(q), fold(k), fold(v))  # [B·n, h, chunk, D]
+    out = out.unflatten(0, (B, n)).transpose(1, 2).flatten(2, 3)[:, :, :rest]
+    parts.append(out)
+    return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+
+
+class Attention(nn.Module):
+    """One text attention layer. Parameter names match Hugging Face's `Llama4TextAttention`."""
+
+    def __init__(self, cfg: TextConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.use_rope = cfg.uses_rope(layer)
+        self.chunk = cfg.attention_chunk_size if cfg.is_chunked(layer) else None
+        self.qk_norm = cfg.use_qk_norm and self.use_rope
+        self.temperature_tuning = cfg.temperature_tuning and not self.use_rope
+        self.floor_scale, self.attn_scale, self.eps = cfg.floor_scale, cfg.attn_scale, cfg.rms_norm_eps
+        H, bias = cfg.hidden_size, cfg.attention_bias
+        self.q_proj = nn.Linear(H, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(H, self.n_kv * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(H, self.n_kv * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, H, bias=bias)
+
+    def project(self, x: torch.Tensor, positions: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
+        """x [B, T, H] → q [B, T, h, D], k/v [B, T, kv, D] with RoPE / QK-norm / temperature applied."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
+        if self.use_rope:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.qk_norm:
+            q, k = l2_norm(q, self.eps), l2_norm(k, self.eps)
+        if self.temperature_tuning:
+            scale = temperature_scale(positions, self.floor_scale, self.attn_scale)  # [T] or [B, T]
+            scale = scale.view(1, T, 1, 1) if scale.dim() == 1 else scale.view(B, T, 1, 1)
+            q = (q * scale).to(q.dtype)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                cache=None) -> torch.Tensor:
+        """x [B, T, H], positions [T] (absolute, contiguous) or [B, T] → [B, T, H].
+
+        With `cache` (see herd.inference), keys/values are appended to it and attention spans the
+        cached positions as well; the cache supplies the mask.
+        """
+        B, T, _ = x.shape
+        q, k, v = self.project(x, positions, rope)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
+        if cache is not None:
+            out = cache.attend(self.layer, q, k, v, positions, chunk=self.chunk)
+        elif self.chunk is not None:
+            start = int(positions.reshape(-1)[0]) if positions.numel() else 0
+            out = chunked_causal_attention(q, k, v, self.chunk, start)
+        else:
+            out = causal_attention(q, k, v)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))

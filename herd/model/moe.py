@@ -1,0 +1,120 @@
+"""Feed-forward blocks: the dense SwiGLU MLP and Llama 4's mixture of experts.
+
+MoE as Llama 4 defines it:
+  router logits → top-k experts per token → sigmoid of the kept logits scales the expert *input*;
+  a shared expert (a dense SwiGLU) runs on every token and is added to the routed output.
+
+Dispatch is sparse: only the selected (token, expert) pairs are computed. Pairs are sorted by
+expert and the experts run as one grouped GEMM over contiguous groups (`F.grouped_mm`) — or one
+matmul per non-empty expert where grouped_mm is unavailable for the dtype/device. The reference
+implementations instead push every token through every expert.
+
+Expert weights are stored fused, exactly as the published checkpoints store them:
+  experts.gate_up_proj [E, H, 2·I]   (gate = first I columns, up = last I)
+  experts.down_proj    [E, I, H]
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from herd.config import TextConfig
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)). Names match Hugging Face's `Llama4TextMLP`."""
+
+    def __init__(self, hidden: int, inner: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inner, bias=False)
+        self.up_proj = nn.Linear(hidden, inner, bias=False)
+        self.down_proj = nn.Linear(inner, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _grouped_mm_ok(x: torch.Tensor) -> bool:
+    return hasattr(F, "grouped_mm") and x.dtype in (torch.float32, torch.bfloat16)
+
+
+def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor,
+                   impl: str = "auto") -> torch.Tensor:
+    """Rows of x [M, K] sorted into contiguous groups (group e has counts[e] rows) times w[e] [K, N].
+
+    → [M, N]. `offsets` is the int32 cumulative sum of counts (grouped_mm's end offsets).
+    """
+    if impl == "grouped" or (impl == "auto" and _grouped_mm_ok(x)):
+        return F.grouped_mm(x, w, offs=offsets)
+    # Fallback: one matmul per non-empty expert. unbind() once, so backward does not allocate a
+    # full [E, K, N] gradient per expert (a slice inside the loop would).
+    ws = w.unbind(0)
+    outs, start = [], 0
+    for e, n in enumerate(counts.tolist()):
+        if n:
+            outs.append(x[start:start + n] @ ws[e])
+            start += n
+    return torch.cat(outs) if outs else x.new_zeros(0, w.shape[-1])
+
+
+class Experts(nn.Module):
+    """The routed experts' fused weights (names/shapes as in Hugging Face's `Llama4TextExperts`)."""
+
+    def __init__(self, n_experts: int, hidden: int, inner: int):
+        super().__init__()
+        self.num_experts, self.inner = n_experts, inner
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, hidden, 2 * inner))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, inner, hidden))
+
+    def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+        """x_sorted [M, H] grouped by expert (counts [E]) → [M, H]."""
+        offsets = torch.cumsum(counts, 0).to(torch.int32)
+        gate_up = grouped_matmul(x_sorted, self.gate_up_proj, counts, offsets, impl)  # [M, 2I]
+        gate, up = gate_up.chunk(2, dim=-1)
+        return grouped_matmul(F.silu(gate) * up, self.down_proj, counts, offsets, impl)  # [M, H]
+
+
+class MoE(nn.Module):
+    """Router + routed experts + shared expert. Names match Hugging Face's `Llama4TextMoe`."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        H, E = cfg.hidden_size, cfg.num_local_experts
+        self.num_experts, self.top_k = E, cfg.num_experts_per_tok
+        self.router = nn.Linear(H, E, bias=False)
+        self.experts = Experts(E, H, cfg.intermediate_size)
+        self.shared_expert = SwiGLU(H, cfg.intermediate_size)
+        # Auxiliary-loss-free load balancing (training): a per-expert bias added to the logits for
+        # *selection only*; the gate value still comes from the raw logit. Zero = plain Llama 4.
+        self.register_buffer("expert_bias", torch.zeros(E), persistent=False)
+        self.impl = "auto"  # "auto" | "grouped" | "loop" (benchmarks switch it)
+        self.last_counts: torch.Tensor | None = None  # tokens per expert in the last forward
+        self.last_logits: torch.Tensor | None = None  # router logits of the last forward (training)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, H] → (logits [N, E], top expert ids [N, k], gate values [N, k] in x's dtype)."""
+        logits = self.router(x)
+        select = logits + self.expert_bias.to(logits.dtype) if self.expert_bias.any() else logits
+        top_ids = select.topk(self.top_k, dim=-1).indices
+        gates = torch.sigmoid(logits.gather(-1, top_ids).float()).to(x.dtype)
+        return logits, top_ids, gates
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [N, H]
+        N, k = x.shape[0], self.top_k
+        logits, top_ids, gates = self.route(x)
+        flat_ids = top_ids.reshape(-1)  # [N·k]
+        order = torch.argsort(flat_ids, stable=True)
+        token_of = order // k  # source token of each sorted pair
+        counts = torch.bincount(flat_ids, minlength=self.num_experts)
+        x_sorted = x[token_of] * gates.reshape(-1, 1)[order]  # gate scales the expert input
+        y_sorted = self.experts(x_sorted, counts, self.impl)  # [N·k, H]
+        out = self.shared_expert(x)
+        out = out.index_add(0, token_of, y_sorted.to(out.dtype))
+        if self.training:
+            self.last_logits = logits
+        self.last_counts = counts.detach()
+        return out.view(shape)
