@@ -58,11 +58,13 @@ def _maverick() -> ModelConfig:
 def _behemoth() -> ModelConfig:
     # Meta published only: 16 experts, ~2T total, 288B active. No config exists. We keep Scout's
     # recipe (every layer MoE, top-1 + shared expert, NoPE every 4th layer, chunked attention,
-    # head_dim 128, GQA 8:1) and scale width/depth until both numbers land:
-    #   hidden 12288, 96 heads / 12 KV heads, 64 layers, expert width 24576
-    #   → 2.04T total, 288B active (see `herd params behemoth`).
-    text = _scout_text(hidden_size=12288, num_attention_heads=96, num_key_value_heads=12, num_hidden_layers=64,
-                       intermediate_size=24576, intermediate_size_mlp=49152)
+    # head_dim 128, GQA 8:1, the same vocabulary) and solve for width, depth and expert width:
+    #   total − active = layers · 15 experts · 3·hidden·inner ≈ 2T − 288B fixes layers·hidden·inner;
+    #   the remaining active budget fixes attention (∝ layers·hidden²).
+    #   hidden 16384, 128 heads / 16 KV heads, 96 layers, expert width 23552
+    #   → 1.95T total, 286.9B active (`herd params behemoth`).
+    text = _scout_text(hidden_size=16384, num_attention_heads=128, num_key_value_heads=16, num_hidden_layers=96,
+                       intermediate_size=23552, intermediate_size_mlp=47104)
     return ModelConfig(text=text, vision=_published_vision(), name="behemoth")
 
 
