@@ -18,12 +18,14 @@ def _cmd_params(args) -> int:
     from herd.params import count_params, params_table
     from herd.presets import PRESETS
 
-    if args.model in PRESETS and not Path(args.model).exists():
+    if args.model in PRESETS and not Path(args.model).is_dir():
         from herd.presets import get_config
 
         config = get_config(args.model)
-    else:
+    elif Path(args.model).is_dir():
         config = ModelConfig.from_json(args.model)
+    else:
+        raise ValueError(f"{args.model!r} is neither a preset ({', '.join(PRESETS)}) nor a model directory")
     counts = count_params(config)
     if args.json:
         print(json.dumps(counts, indent=2))

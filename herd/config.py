@@ -92,6 +92,7 @@ class TextConfig:
     attn_scale: float = 0.1
     extra: dict = field(default_factory=dict, repr=False)
     rope_style: str = field(default="legacy", repr=False)  # "legacy" (rope_theta+rope_scaling) or "v5"
+    source_keys: frozenset | None = field(default=None, repr=False, compare=False)  # fields read from a file
 
     def __post_init__(self):
         self.validate()
@@ -182,8 +183,10 @@ class TextConfig:
 
     def to_hf_dict(self) -> dict:
         out = _to_dict(self)
-        out["no_rope_layers"] = self.rope_layer_flags
-        out["moe_layers"] = self.moe_layer_ids
+        if self.source_keys is None or "no_rope_layers" in self.source_keys:
+            out["no_rope_layers"] = self.rope_layer_flags
+        if self.source_keys is None or "moe_layers" in self.source_keys:
+            out["moe_layers"] = self.moe_layer_ids
         if self.rope_style == "v5":
             rp = {"rope_theta": out.pop("rope_theta")}
             rp.update(out.pop("rope_scaling") or {"rope_type": "default"})
@@ -218,6 +221,7 @@ class VisionConfig:
     rope_theta: float = 10000.0
     extra: dict = field(default_factory=dict, repr=False)
     rope_style: str = field(default="legacy", repr=False)
+    source_keys: frozenset | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         self.validate()
@@ -366,19 +370,29 @@ class ModelConfig:
                            tie_word_embeddings=self.text.tie_word_embeddings, name=self.name)
 
 
+_INTERNAL_FIELDS = ("extra", "rope_style", "source_keys")
+
+
 def _from_dict(cls, d: dict, kind: str, **kw):
-    names = {f.name for f in dataclasses.fields(cls)} - {"extra", "rope_style"}
+    names = {f.name for f in dataclasses.fields(cls)} - set(_INTERNAL_FIELDS)
     args = {k: v for k, v in d.items() if k in names}
     extra = {k: v for k, v in d.items() if k not in names and k != "model_type"}
     _warn_unknown(kind, extra)
-    return cls(**args, extra=extra, **kw)
+    return cls(**args, extra=extra, source_keys=frozenset(d), **kw)
 
 
 def _to_dict(obj) -> dict:
+    """Fields as HF writes them. A config read from a file writes back the fields it had plus any
+    that differ from the defaults; one made in code writes every field."""
     out = dict(obj.extra)
+    keys = obj.source_keys
     for f in dataclasses.fields(obj):
-        if f.name not in ("extra", "rope_style"):
-            out[f.name] = copy.deepcopy(getattr(obj, f.name))
+        if f.name in _INTERNAL_FIELDS:
+            continue
+        value = getattr(obj, f.name)
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        if keys is None or f.name in keys or value != default:
+            out[f.name] = copy.deepcopy(value)
     return out
 
 

@@ -35,7 +35,7 @@ def _scout_text(**over) -> TextConfig:
               max_position_embeddings=10485760, rms_norm_eps=1e-5, pad_token_id=200018, bos_token_id=200000,
               eos_token_id=[200001, 200007, 200008], num_local_experts=16, num_experts_per_tok=1,
               interleave_moe_layer_step=1, use_qk_norm=True, attention_chunk_size=8192,
-              attn_temperature_tuning=4, floor_scale=8192, attn_scale=0.1, rope_theta=500000.0,
+              attn_temperature_tuning=True, floor_scale=8192, attn_scale=0.1, rope_theta=500000.0,
               # As in the published HF config (Meta's own code uses factor 16; we follow the config).
               rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
@@ -98,7 +98,7 @@ def _cpu_preset(name: str, *, vocab: int, hidden: int, layers: int, heads: int, 
 def _tiny() -> ModelConfig:
     # ~10M parameters: trains in minutes on 2 CPU cores. 28-px tiles of 7-px patches → 16 patches
     # → pixel shuffle 0.5 → 4 <|patch|> tokens per tile.
-    return _cpu_preset("tiny", vocab=8192, hidden=256, layers=4, heads=8, kv_heads=2, experts=8, inter=256,
+    return _cpu_preset("tiny", vocab=8192, hidden=256, layers=4, heads=8, kv_heads=2, experts=16, inter=256,
                        chunk=256, vision_hidden=128, vision_layers=2, tile=28, patch=7)
 
 

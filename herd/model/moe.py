@@ -37,7 +37,14 @@ class SwiGLU(nn.Module):
 
 
 def _grouped_mm_ok(x: torch.Tensor) -> bool:
-    return hasattr(F, "grouped_mm") and x.dtype in (torch.float32, torch.bfloat16)
+    """F.grouped_mm runs on CPU for fp32/bf16 (torch ≥ 2.9); on CUDA for bf16 on sm90+ GPUs."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    if x.device.type == "cpu":
+        return x.dtype in (torch.float32, torch.bfloat16)
+    if x.device.type == "cuda":
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
+    return False
 
 
 def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor,
