@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.herd-installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup oracle demo test bench clean
 
 setup: $(STAMP)
 
@@ -15,10 +15,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# A second virtualenv (.venv-oracle) with torch 2.14.1 + torchvision for llama-models' reference
+# image preprocessing and chat format, which the parity tests compare against.
+oracle:
+	bash scripts/oracle_env.sh
+
 demo: setup
 	$(VENV)/bin/herd demo
 
-test: setup
+test: setup oracle
 	$(PY) -m pytest -q || { rc=$$?; [ $$rc -eq 5 ] && echo 'pytest collected no tests'; exit 1; }
 
 bench: setup
