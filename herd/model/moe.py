@@ -74,13 +74,16 @@ class Experts(nn.Module):
         self.num_experts, self.inner = n_experts, inner
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, hidden, 2 * inner))
         self.down_proj = nn.Parameter(torch.empty(n_experts, inner, hidden))
+        # The grouped product (x, w[E,K,N], counts, offsets, impl) → [M, N]. Swappable, so training
+        # can run it in FP8 (herd.train.fp8) and inference quantised, without touching this module.
+        self.matmul = grouped_matmul
 
     def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor, impl: str = "auto") -> torch.Tensor:
         """x_sorted [M, H] grouped by expert (counts [E]) → [M, H]."""
         offsets = torch.cumsum(counts, 0).to(torch.int32)
-        gate_up = grouped_matmul(x_sorted, self.gate_up_proj, counts, offsets, impl)  # [M, 2I]
+        gate_up = self.matmul(x_sorted, self.gate_up_proj, counts, offsets, impl)  # [M, 2I]
         gate, up = gate_up.chunk(2, dim=-1)
-        return grouped_matmul(F.silu(gate) * up, self.down_proj, counts, offsets, impl)  # [M, H]
+        return self.matmul(F.silu(gate) * up, self.down_proj, counts, offsets, impl)  # [M, H]
 
 
 class MoE(nn.Module):

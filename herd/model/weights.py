@@ -231,13 +231,16 @@ def load_model(name_or_dir: str | os.PathLike, dtype: torch.dtype = torch.float3
 
 
 def save_model(model: Llama4, out_dir: str | os.PathLike, max_shard_bytes: int = 5 * 2**30,
-               dtype: torch.dtype | None = None) -> Path:
-    """Write config.json and safetensors weights (sharded with an index past max_shard_bytes)."""
+               dtype: torch.dtype | None = None, state_dict: dict | None = None) -> Path:
+    """Write config.json and safetensors weights (sharded with an index past max_shard_bytes).
+
+    state_dict: full tensors to write instead of model.state_dict() (e.g. gathered from FSDP shards).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config
     multimodal = cfg.is_multimodal
-    state = model.state_dict()
+    state = dict(model.state_dict() if state_dict is None else state_dict)
     if cfg.text.tie_word_embeddings:
         state.pop("language_model.lm_head.weight", None)
     tensors = {_to_ckpt_key(k, multimodal): (v if dtype is None else v.to(dtype)) for k, v in state.items()}
@@ -269,7 +272,7 @@ def save_model(model: Llama4, out_dir: str | os.PathLike, max_shard_bytes: int =
     for name in stale - written:  # an earlier save's files, removed only once the new ones are in place
         (out / name).unlink()
     hf = cfg.to_hf_dict()
-    saved_dtype = dtype or model.dtype
+    saved_dtype = dtype or next(iter(tensors.values())).dtype
     hf["torch_dtype"] = str(saved_dtype).removeprefix("torch.")
     if multimodal:
         hf["text_config"]["torch_dtype"] = hf["torch_dtype"]
