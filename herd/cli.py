@@ -79,14 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _optional_subcommands():
     """Subcommands that live in their own modules (kept out of the import path of --help)."""
-    regs = []
-    try:
-        from herd.tokenizer import add_tokenizer_subcommand
+    from herd.tokenizer import add_tokenizer_subcommand
+    from herd.train.cli import add_train_subcommand
 
-        regs.append(add_tokenizer_subcommand)
-    except ImportError:
-        pass
-    return regs
+    return [add_tokenizer_subcommand, add_train_subcommand]
 
 
 def main(argv: list[str] | None = None) -> int:

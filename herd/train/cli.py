@@ -1,0 +1,68 @@
+"""`herd train`: command-line front end of herd.train.trainer (also `torchrun -m herd train`)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_train_subcommand(subparsers) -> None:
+    from herd.train.trainer import TrainConfig
+
+    d = TrainConfig()
+    p = subparsers.add_parser(
+        "train",
+        help="pre-train a model on the bundled text + image data",
+        description="Pre-train a Llama 4 preset on the bundled data (Shakespeare, the KJV Bible, CPython "
+        "sources and docs, handwritten digits with captions). Writes metrics.jsonl, loss.png, "
+        "crash-safe checkpoints and the final Hugging Face model directory to --out. Multi-process: "
+        "torchrun --nproc_per_node N -m herd train ... (gloo on CPU, FSDP2).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--preset", default=d.preset, help="model preset (tiny, small, ...)")
+    p.add_argument("--out", default=d.out, help="run directory")
+    p.add_argument("--max-steps", type=int, default=d.max_steps)
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch in sequences")
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (at MetaP's base width)")
+    p.add_argument("--schedule", choices=["cosine", "wsd", "constant"], default=d.schedule)
+    p.add_argument("--warmup", type=int, default=d.warmup)
+    p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--clip", type=float, default=d.clip, help="gradient-norm clipping")
+    p.add_argument("--no-bf16", dest="bf16", action="store_false", help="fp32 matmuls instead of bf16 autocast")
+    p.add_argument("--no-metap", dest="metap", action="store_false",
+                   help="ablation: standard init (std 0.02) and one learning rate for all parameters")
+    p.add_argument("--metap-base-width", type=int, default=d.metap_base_width)
+    p.add_argument("--fp8", choices=["tensorwise", "rowwise"], default=None,
+                   help="FP8 matmuls (e4m3 forward, e5m2 gradients; emulated on CPU)")
+    p.add_argument("--balance", choices=["bias", "aux", "none"], default=d.balance,
+                   help="MoE load balancing: aux-loss-free bias, switch auxiliary loss, or none")
+    p.add_argument("--bias-rate", type=float, default=d.bias_rate)
+    p.add_argument("--aux-coef", type=float, default=d.aux_coef)
+    p.add_argument("--align-steps", type=int, default=d.align_steps,
+                   help="vision alignment stage: steps on image-caption data with the language model frozen")
+    p.add_argument("--eval-every", type=int, default=d.eval_every)
+    p.add_argument("--eval-batches", type=int, default=d.eval_batches)
+    p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
+    p.add_argument("--keep", type=int, default=d.keep, help="checkpoints to keep")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--tokenizer", default=None, help="directory with tokenizer.json (trained into --out if absent)")
+    p.add_argument("--data-cache", default=None, help="tokenised-data cache directory (default OUT/data_cache)")
+    p.add_argument("--parallel", choices=["fsdp", "ddp"], default=d.parallel)
+    p.add_argument("--threads", type=int, default=None, help="torch threads per process")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    from herd.train.trainer import TrainConfig, train
+
+    fields = TrainConfig.__dataclass_fields__
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    summary = train(cfg)
+    if summary:
+        print("done: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
+    return 0
