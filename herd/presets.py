@@ -95,11 +95,23 @@ def _cpu_preset(name: str, *, vocab: int, hidden: int, layers: int, heads: int, 
                        image_token_index=base + SPECIAL_OFFSETS["patch"], name=name)
 
 
-def _tiny() -> ModelConfig:
-    # ~10M parameters: trains in minutes on 2 CPU cores. 28-px tiles of 7-px patches → 16 patches
-    # → pixel shuffle 0.5 → 4 <|patch|> tokens per tile.
-    return _cpu_preset("tiny", vocab=8192, hidden=256, layers=4, heads=8, kv_heads=2, experts=16, inter=256,
-                       chunk=256, vision_hidden=128, vision_layers=2, tile=28, patch=7)
+def _tiny(hidden: int = 256, layers: int = 4) -> ModelConfig:
+    # ~13M parameters: trains in minutes on 2 CPU cores. 28-px tiles of 7-px patches → 16 patches
+    # → pixel shuffle 0.5 → 4 <|patch|> tokens per tile. Width and depth can be varied (MetaP
+    # transfer experiments): heads grow with width at a fixed head_dim of 32, experts as wide as
+    # the model.
+    return _cpu_preset("tiny", vocab=8192, hidden=hidden, layers=layers, heads=hidden // 32,
+                       kv_heads=max(1, hidden // 128), experts=16, inter=hidden, chunk=256, vision_hidden=128,
+                       vision_layers=2, tile=28, patch=7)
+
+
+def scaled_tiny(hidden: int, layers: int = 4) -> ModelConfig:
+    """The tiny recipe at another width / depth (same vocabulary, vision tower and data)."""
+    if hidden % 128:
+        raise ValueError(f"hidden must be a multiple of 128, got {hidden}")
+    cfg = _tiny(hidden, layers)
+    cfg.name = f"tiny-w{hidden}-l{layers}"
+    return cfg
 
 
 def _small() -> ModelConfig:

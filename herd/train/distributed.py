@@ -2,7 +2,8 @@
 
     torchrun --nproc_per_node 2 -m herd train --preset tiny ...
 
-Each decoder layer and the vision tower become one FSDP2 unit (`fully_shard`), then the root: a
+Each decoder layer becomes one FSDP2 unit (`fully_shard`), the rest (embeddings, head, vision
+tower) the root unit: a
 rank holds 1/world of every parameter, gathers a layer's weights just before using them and
 reduce-scatters its gradients right after. FSDP2 runs on CPU with gloo in torch 2.13; if it
 cannot be set up, DDP is used instead and the reason printed. Checkpoints always hold *full*
@@ -64,8 +65,8 @@ def wrap(model: torch.nn.Module, env: DistEnv, mode: str = "fsdp") -> torch.nn.M
 
             for layer in model.language_model.model.layers:
                 fully_shard(layer)
-            if getattr(model, "vision_model", None) is not None:
-                fully_shard(model.vision_model)
+            # The vision tower stays in the root unit: a rank whose batch has no image skips it,
+            # and a unit of its own would then miss its all-gather while other ranks wait in it.
             fully_shard(model)
             env.mode = "fsdp"
             return model

@@ -100,7 +100,7 @@ class _ScaledMMLinear(torch.autograd.Function):
         y = torch._scaled_mm(xq, wq.t(), scale_a=xs.reshape(-1, 1) if rowwise else xs,
                              scale_b=ws.reshape(1, -1) if rowwise else ws, out_dtype=torch.bfloat16)
         ctx.save_for_backward(xq, xs, wq, ws)
-        ctx.recipe = recipe
+        ctx.recipe, ctx.dtypes = recipe, (x2d.dtype, weight.dtype)
         return y.to(x2d.dtype)
 
     @staticmethod
@@ -108,7 +108,7 @@ class _ScaledMMLinear(torch.autograd.Function):
         xq, xs, wq, ws = ctx.saved_tensors
         gq = qdq(g, E5M2, -1 if ctx.recipe == "rowwise" else None).float()
         x, w = dequantize(xq, xs), dequantize(wq, ws)
-        return (gq @ w).to(g.dtype), (gq.t() @ x).to(g.dtype), None
+        return (gq @ w).to(ctx.dtypes[0]), (gq.t() @ x).to(ctx.dtypes[1]), None
 
 
 class FP8Linear(nn.Linear):

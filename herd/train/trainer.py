@@ -35,7 +35,10 @@ from herd.train.schedule import lr_multiplier
 class TrainConfig:
     out: str = "runs/tiny"
     preset: str = "tiny"
+    width: int | None = None  # the tiny recipe at another hidden size (MetaP transfer experiments)
+    layers: int | None = None
     max_steps: int = 300
+    stop_after: int | None = None  # stop at this step (a planned interruption; the schedule spans max_steps)
     batch_size: int = 8  # global batch, in sequences (split across ranks)
     seq_len: int = 256
     grad_accum: int = 1
@@ -64,6 +67,7 @@ class TrainConfig:
     tokenizer: str | None = None  # a directory with tokenizer.json; trained into OUT when absent
     mixture: dict | None = None  # data mixture weights by source name
     data_cache: str | None = None
+    max_docs: int | None = None  # per data source: only the first N documents (quick runs, tests)
     parallel: str = "fsdp"  # fsdp | ddp (multi-process only)
     threads: int | None = None
     progress: bool = True
@@ -91,8 +95,10 @@ def prepare_tokenizer(cfg: TrainConfig, vocab_size: int, out: Path, env):
         tok = load_tokenizer(out)
     else:
         if env.is_main:
+            from herd.data import training_texts
+
             print(f"training a {vocab_size}-token byte-level BPE on the bundled corpora → {out}/tokenizer.json")
-            train_tokenizer(None, vocab_size, out)
+            train_tokenizer(training_texts(), vocab_size, out)
         distributed.barrier(env)
         tok = load_tokenizer(out)
     if tok.vocab_size != vocab_size:
@@ -100,21 +106,34 @@ def prepare_tokenizer(cfg: TrainConfig, vocab_size: int, out: Path, env):
     return tok
 
 
-def build_data(cfg: TrainConfig, tokenizer, model_config, env, mixture=None):
-    from herd.data import DataConfig, build_datasets
+def data_config(cfg: TrainConfig, weights: dict | None = None):
+    from herd.data import DataConfig
 
-    per_rank = cfg.batch_size // env.world
-    if per_rank * env.world != cfg.batch_size:
+    dc = DataConfig(seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed, cache_dir=cfg.data_cache,
+                    val_batches=cfg.eval_batches, max_docs=cfg.max_docs)
+    if weights or cfg.mixture:
+        dc = dataclasses.replace(dc, weights=dict(weights or cfg.mixture))
+    return dc
+
+
+def build_data(cfg: TrainConfig, tokenizer, model_config, env, weights: dict | None = None):
+    """(train stream sharded for this rank, validation set sharded for this rank)."""
+    from herd.data import build_datasets
+
+    if cfg.batch_size % env.world:
         raise ValueError(f"global batch {cfg.batch_size} does not split over {env.world} ranks")
-    dc = DataConfig(seq_len=cfg.seq_len, batch_size=per_rank, seed=cfg.seed,
-                    cache_dir=cfg.data_cache or str(Path(cfg.out) / "data_cache"))
-    if mixture or cfg.mixture:
-        dc = dataclasses.replace(dc, mixture=dict(mixture or cfg.mixture))
+    dc = data_config(cfg, weights)
+    if model_config.vision is None and "digits" in dc.weights:
+        dc = dataclasses.replace(dc, weights={k: v for k, v in dc.weights.items() if k != "digits"})
+    # rank 0 builds the token cache first; the others then read it
+    if not env.is_main:
+        distributed.barrier(env)
     train, val = build_datasets(tokenizer, dc, vision_config=model_config.vision,
-                                image_token_index=model_config.image_token_index)
-    if env.distributed:
-        train = train.shard(env.rank, env.world)
-    return train, val
+                                image_token_index=model_config.image_token_index if model_config.vision else None,
+                                rank=env.rank, world_size=env.world)
+    if env.is_main:
+        distributed.barrier(env)
+    return train, val.shard(env.rank, env.world) if env.distributed else val
 
 
 def autocast(cfg: TrainConfig, device: torch.device):
@@ -133,12 +152,7 @@ def evaluate(model, val, cfg: TrainConfig, env, device) -> float:
     """Mean validation loss (nats/token) over the first `eval_batches` validation batches."""
     model.eval()
     total, count = 0.0, 0
-    it = iter(val)
-    for _ in range(cfg.eval_batches):
-        try:
-            batch = next(it)
-        except StopIteration:
-            break
+    for batch in val:
         with autocast(cfg, device):
             logits = model(batch.input_ids.to(device), pixel_values=_px(batch, device))
         total += float(token_loss_sum(logits, batch.labels.to(device)))
@@ -196,7 +210,14 @@ def train(cfg: TrainConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     device = env.device
-    model_config = get_config(cfg.preset)
+    if cfg.width or cfg.layers:
+        if cfg.preset != "tiny":
+            raise ValueError("--width/--layers rescale the tiny preset only")
+        from herd.presets import scaled_tiny
+
+        model_config = scaled_tiny(cfg.width or 256, cfg.layers or 4)
+    else:
+        model_config = get_config(cfg.preset)
     tokenizer = prepare_tokenizer(cfg, model_config.text.vocab_size, out, env)
 
     # model: same seed on every rank, MetaP or standard init
@@ -231,10 +252,15 @@ def train(cfg: TrainConfig) -> dict:
     train_data, val_data = build_data(cfg, tokenizer, model_config, env)
     align_data = None
     if cfg.align_steps and model_config.vision is not None:
-        align_data, _ = build_data(cfg, tokenizer, model_config, env, mixture={"digits": 1.0})
+        align_data, _ = build_data(cfg, tokenizer, model_config, env, weights={"digits": 1.0})
     from herd.data import unigram_baseline
 
-    baseline = unigram_baseline(train_data)
+    baseline = unigram_baseline(train_data.shard(0, 1))  # on the whole global batch, whatever the rank
+    digit_eval = None
+    if model_config.vision is not None:  # every rank runs it (FSDP gathers need all ranks)
+        from herd.data import digit_eval_set
+
+        digit_eval = digit_eval_set(tokenizer, model_config.vision, data_config(cfg), split="val", limit=200)
     train_it = iter(train_data)
     align_it = iter(align_data) if align_data is not None else None
 
@@ -297,7 +323,7 @@ def train(cfg: TrainConfig) -> dict:
             g["lr"] = cfg.lr * mult * g["lr_mult"]
         batches = [next(it) for _ in range(cfg.grad_accum)]
         local_tokens = sum(int((b.labels != -100).sum()) for b in batches)
-        global_tokens = distributed.mean_across_ranks(local_tokens, env) * env.world
+        global_tokens = round(distributed.mean_across_ranks(local_tokens, env) * env.world)
         loss_sum = 0.0
         for b in batches:
             with autocast(cfg, device):
@@ -336,7 +362,7 @@ def train(cfg: TrainConfig) -> dict:
         if done % cfg.eval_every == 0 or done == cfg.max_steps:
             record = record or {"step": done, "loss": round(step_loss, 5)}
             record["val_loss"] = round(evaluate(model, val_data, cfg, env, device), 5)
-            digit_acc = digit_accuracy(model, tokenizer, model_config, cfg, env, device)
+            digit_acc = digit_accuracy(model, digit_eval, cfg, device)
             if digit_acc is not None:
                 record["digit_acc"] = round(digit_acc, 4)
         if record and env.is_main:
@@ -347,8 +373,11 @@ def train(cfg: TrainConfig) -> dict:
             progress.update(1)
             progress.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens_seen / (time.perf_counter() - t_start):,.0f}",
                                  **({"val": f"{last['val_loss']:.3f}"} if "val_loss" in last else {}))
-        if done % cfg.ckpt_every == 0 or done == cfg.max_steps:
+        stopping = cfg.stop_after is not None and done >= cfg.stop_after
+        if done % cfg.ckpt_every == 0 or done == cfg.max_steps or stopping:
             save_training_checkpoint(out, done, model, base_model, optimizer, train_data, align_data, env, cfg)
+        if stopping:
+            break
     if progress is not None:
         progress.close()
 
@@ -365,7 +394,7 @@ def train(cfg: TrainConfig) -> dict:
         summary["tokens"] = tokens_seen
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     distributed.teardown(env)
-    return summary
+    return summary if env.is_main else {}
 
 
 def save_training_checkpoint(out, step, model, base_model, optimizer, train_data, align_data, env, cfg):
@@ -380,26 +409,18 @@ def save_training_checkpoint(out, step, model, base_model, optimizer, train_data
     distributed.barrier(env)
 
 
-def digit_accuracy(model, tokenizer, model_config, cfg, env, device) -> float | None:
-    """Share of held-out digit images whose caption's digit token gets the highest logit."""
-    if model_config.vision is None:
-        return None
-    try:
-        from herd.data import digit_eval_set
-    except ImportError:
-        return None
-    prompts = digit_eval_set(tokenizer, model_config.vision, model_config.image_token_index, n=100, seed=cfg.seed)
-    if prompts is None:
+@torch.no_grad()
+def digit_accuracy(model, digit_eval, cfg: TrainConfig, device) -> float | None:
+    """Share of held-out digit images whose digit token gets the highest logit among "0".."9"
+    after the prompt "<image> This is a handwritten digit " (rank 0 only; None without vision)."""
+    if digit_eval is None:
         return None
     model.eval()
-    correct = total = 0
-    with torch.no_grad():
-        for ids, pixels, candidates, answer in prompts:
-            with autocast(cfg, device):
-                logits = model(ids.to(device), pixel_values=pixels.to(device), logits_slice=slice(-1, None))
-            pred = int(torch.tensor(candidates)[logits[0, -1, candidates].float().argmax()])
-            correct += int(pred == answer)
-            total += 1
+    correct = 0
+    for ids, pixels, targets in digit_eval.batches(64):
+        with autocast(cfg, device):
+            logits = model(ids.to(device), pixel_values=pixels.to(device), logits_slice=slice(-1, None))
+        correct += int((digit_eval.predictions(logits.float()) == targets).sum())
     model.train()
-    return correct / max(total, 1)
+    return correct / max(len(digit_eval), 1)
 

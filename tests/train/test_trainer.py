@@ -1,0 +1,122 @@
+"""The training loop end to end on a few steps: outputs, optimizer effects, exact resume,
+the vision-alignment freeze, FP8, and a 2-process torchrun (gloo, FSDP2) run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import herd
+from herd.model.weights import read_safetensors
+from herd.tokenizer import train_tokenizer
+from herd.train.trainer import TrainConfig, train
+
+COMMON = dict(preset="tiny", batch_size=4, seq_len=64, warmup=2, eval_every=4, eval_batches=2, log_every=1,
+              max_docs=25, progress=False, lr=3e-3)
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """A tokenizer of the tiny preset's size and a data cache shared by every run here."""
+    root = tmp_path_factory.mktemp("trainer")
+    from herd.data import training_texts
+
+    texts = [t for _, t in zip(range(120), training_texts(limit=40))]
+    train_tokenizer(texts, herd.get_config("tiny").text.vocab_size, root / "tok")
+    return {"tokenizer": str(root / "tok"), "data_cache": str(root / "cache")}
+
+
+def run(out, shared, **kw):
+    cfg = TrainConfig(out=str(out), **{**COMMON, **shared, **kw})
+    return train(cfg)
+
+
+def metrics(out):
+    return [json.loads(x) for x in Path(out, "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_writes_metrics_curves_checkpoints_and_a_loadable_model(tmp_path, shared):
+    summary = run(tmp_path, shared, max_steps=8, ckpt_every=4, keep=1)
+    rows = metrics(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert all("loss" in r and "load_entropy" in r for r in rows)
+    assert "val_loss" in rows[3] and "digit_acc" in rows[7]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert (tmp_path / "loss.png").stat().st_size > 10_000
+    assert [p.name for p in (tmp_path / "checkpoints").glob("step_*")] == ["step_000008"]
+    model = herd.load_model(tmp_path)  # the run directory is a Hugging Face model directory
+    assert model.config.is_multimodal and (tmp_path / "tokenizer.json").exists()
+    assert summary["val_loss"] == rows[-1]["val_loss"]
+
+
+def test_one_step_changes_what_it_should(tmp_path, shared):
+    """With a 1-step alignment stage: only vision + projector move; the language model is frozen."""
+    run(tmp_path / "a", shared, max_steps=1, align_steps=0, ckpt_every=1, eval_every=100)
+    run(tmp_path / "b", shared, max_steps=2, align_steps=1, ckpt_every=1, eval_every=100, keep=5)
+    init = herd.build_model("tiny", init=False)
+    from herd.train import metap
+
+    metap.init_metap(init, metap.MetaPConfig(), generator=torch.Generator().manual_seed(0))
+    w0 = init.state_dict()
+    aligned = read_safetensors(tmp_path / "b" / "checkpoints" / "step_000001" / "model.safetensors")
+    joint = read_safetensors(tmp_path / "a" / "checkpoints" / "step_000001" / "model.safetensors")
+    lm = [k for k in w0 if k.startswith("language_model.")]
+    vis = [k for k in w0 if k.startswith(("vision_model.", "multi_modal_projector."))]
+    assert all(torch.equal(aligned[k], w0[k]) for k in lm), "alignment stage must freeze the language model"
+    assert sum(not torch.equal(aligned[k], w0[k]) for k in vis) > len(vis) // 2
+    assert sum(not torch.equal(joint[k], w0[k]) for k in lm) > len(lm) // 2
+
+
+def test_resume_is_bit_exact(tmp_path, shared):
+    full = tmp_path / "full"
+    run(full, shared, max_steps=6, ckpt_every=3)
+    part = tmp_path / "part"
+    run(part, shared, max_steps=6, ckpt_every=3, stop_after=3)
+    assert [r["step"] for r in metrics(part)] == [1, 2, 3]
+    run(part, shared, max_steps=6, ckpt_every=3, resume=True)
+    a, b = metrics(full), metrics(part)
+    assert [r["step"] for r in b] == list(range(1, 7))
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert [r.get("val_loss") for r in a] == [r.get("val_loss") for r in b]
+    wa, wb = read_safetensors(full / "model.safetensors"), read_safetensors(part / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_fp8_run_tracks_bf16(tmp_path, shared, recipe):
+    run(tmp_path / "bf16", shared, max_steps=4, eval_every=100, ckpt_every=100)
+    run(tmp_path / "fp8", shared, max_steps=4, eval_every=100, ckpt_every=100, fp8=recipe)
+    a, b = metrics(tmp_path / "bf16"), metrics(tmp_path / "fp8")
+    assert all(abs(x["loss"] - y["loss"]) < 0.05 * x["loss"] for x, y in zip(a, b))
+    assert any(x["loss"] != y["loss"] for x, y in zip(a, b))  # FP8 really ran
+
+
+def test_torchrun_two_ranks_match_one_and_checkpoint_loads_in_one(tmp_path, shared):
+    args = ["train", "--preset", "tiny", "--batch-size", "4", "--seq-len", "64", "--warmup", "2", "--eval-every", "100",
+            "--log-every", "1", "--max-docs", "25", "--ckpt-every", "3", "--no-progress", "--threads", "1",
+            "--tokenizer", shared["tokenizer"], "--data-cache", shared["data_cache"], "--max-steps"]
+    env = dict(os.environ, PYTHONPATH=os.getcwd(), OMP_NUM_THREADS="1")
+    two = tmp_path / "two"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    r = subprocess.run([*torchrun, "-m", "herd", *args, "3", "--out", str(two)], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = tmp_path / "one"
+    r = subprocess.run([sys.executable, "-m", "herd", *args, "3", "--out", str(one)], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    la, lb = [x["loss"] for x in metrics(two)], [x["loss"] for x in metrics(one)]
+    assert len(la) == 3 and all(abs(x - y) < 2e-3 * y for x, y in zip(la, lb)), (la, lb)
+    # the 2-rank checkpoint holds full tensors: one process loads and resumes it
+    ck = two / "checkpoints" / "step_000003"
+    assert herd.load_model(ck).config.is_multimodal
+    r = subprocess.run([sys.executable, "-m", "herd", *args, "4", "--out", str(two), "--resume"], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [x["step"] for x in metrics(two)] == [1, 2, 3, 4]
