@@ -42,8 +42,8 @@ class DecoderLayer(nn.Module):
         self.is_moe = cfg.is_moe(layer)
         self.feed_forward = MoE(cfg) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size_mlp)
 
-    def forward(self, x, positions, rope, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, cache)
+    def forward(self, x, positions, rope, cache=None, doc_ids=None):
+        x = x + self.self_attn(self.input_layernorm(x), positions, rope, cache, doc_ids)
         return x + self.feed_forward(self.post_attention_layernorm(x))
 
 
@@ -176,32 +176,50 @@ class Llama4(nn.Module):
         return h
 
     # ----- forward --------------------------------------------------------------------------
-    def hidden_states(self, h: torch.Tensor, positions: torch.Tensor, cache=None) -> torch.Tensor:
-        """Run the decoder on embeddings h [B, T, H] at absolute positions [T] → normed [B, T, H]."""
+    def hidden_states(self, h: torch.Tensor, positions: torch.Tensor, cache=None,
+                      doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the decoder on embeddings h [B, T, H] at absolute positions [T] (or [B, T] with a cache)
+        → normed [B, T, H]."""
         rope = rope_angles(positions, self._inv_freq)
+        if cache is not None:
+            cache.begin(positions)  # per-step cache bookkeeping, done once for all layers
         for layer in self.layers:
-            h = layer(h, positions, rope, cache)
+            h = layer(h, positions, rope, cache, doc_ids)
+        if cache is not None:
+            cache.end()
         return self.language_model.model.norm(h)
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, *, image_features: torch.Tensor | None = None,
-                cache=None, logits_slice: slice | None = None) -> torch.Tensor:
+                cache=None, logits_slice: slice | None = None,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [B, T] (+ pixel_values [n_tiles, 3, S, S]) → logits [B, T, vocab].
 
-        position_ids: absolute positions [T] (default 0…T-1, or continuing the cache).
+        position_ids: absolute positions [T] (default 0…T-1, or continuing the cache); with a cache
+          also [B, T], one row of positions per sequence (batched decode).
+        cache: a herd.inference KVCache; keys/values are appended to it (see cache.begin/attend/end).
         logits_slice: compute the LM head only for these positions (e.g. slice(-1, None) in decode).
+        document_ids: [B, T] ids of the packed documents in each row (training): attention never
+          crosses from one document into another.
         """
         self.check_inputs(input_ids, pixel_values)
         T = input_ids.shape[1]
         if position_ids is None:
             start = cache.next_position if cache is not None else 0
-            position_ids = torch.arange(start, start + T, device=input_ids.device)
+            if isinstance(start, torch.Tensor):  # rows at different positions: [B] → [B, T]
+                position_ids = start.to(input_ids.device).view(-1, 1) + torch.arange(T, device=input_ids.device)
+            else:
+                position_ids = torch.arange(start, start + T, device=input_ids.device)
         elif position_ids.dim() == 2:
-            if position_ids.shape[0] > 1 and not bool((position_ids == position_ids[:1]).all()):
+            if position_ids.shape[0] == 1 or bool((position_ids == position_ids[:1]).all()):
+                position_ids = position_ids[0]
+            elif cache is None:
                 raise ValueError("per-row position_ids need a cache (herd.inference); rows must match here")
-            position_ids = position_ids[0]
         h = self.embed(input_ids, pixel_values, image_features)
-        h = self.hidden_states(h, position_ids, cache)
+        if document_ids is not None and tuple(document_ids.shape) != tuple(input_ids.shape):
+            raise ValueError(f"document_ids must have the shape of input_ids {tuple(input_ids.shape)}, "
+                             f"got {tuple(document_ids.shape)}")
+        h = self.hidden_states(h, position_ids, cache, document_ids)
         if logits_slice is not None:
             h = h[:, logits_slice]
         return self.language_model.lm_head(h)

@@ -36,6 +36,8 @@ def add_train_subcommand(subparsers) -> None:
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--clip", type=float, default=d.clip, help="gradient-norm clipping")
     p.add_argument("--no-bf16", dest="bf16", action="store_false", help="fp32 matmuls instead of bf16 autocast")
+    p.add_argument("--no-document-mask", dest="document_mask", action="store_false",
+                   help="ablation: let attention cross the boundaries of packed documents")
     p.add_argument("--no-metap", dest="metap", action="store_false",
                    help="ablation: standard init (std 0.02) and one learning rate for all parameters")
     p.add_argument("--metap-base-width", type=int, default=d.metap_base_width)
@@ -47,6 +49,8 @@ def add_train_subcommand(subparsers) -> None:
     p.add_argument("--aux-coef", type=float, default=d.aux_coef)
     p.add_argument("--align-steps", type=int, default=d.align_steps,
                    help="vision alignment stage: steps on image-caption data with the language model frozen")
+    p.add_argument("--align-start", type=int, default=d.align_start,
+                   help="step at which the alignment stage starts (after text pre-training)")
     p.add_argument("--eval-every", type=int, default=d.eval_every)
     p.add_argument("--eval-batches", type=int, default=d.eval_batches)
     p.add_argument("--log-every", type=int, default=d.log_every)
@@ -54,12 +58,22 @@ def add_train_subcommand(subparsers) -> None:
     p.add_argument("--keep", type=int, default=d.keep, help="checkpoints to keep")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--tokenizer", default=None, help="directory with tokenizer.json (trained into --out if absent)")
+    p.add_argument("--mixture", type=_weights, default=None,
+                   help="data mixture as token shares, e.g. shakespeare=0.25,bible=0.2,python=0.3,docs=0.1,digits=0.15")
     p.add_argument("--data-cache", default=None, help="tokenised-data cache directory (default OUT/data_cache)")
     p.add_argument("--max-docs", type=int, default=None, help="use only the first N documents per data source")
     p.add_argument("--parallel", choices=["fsdp", "ddp"], default=d.parallel)
     p.add_argument("--threads", type=int, default=None, help="torch threads per process")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=_run)
+
+
+def _weights(text: str) -> dict:
+    try:
+        pairs = [item.split("=") for item in text.split(",") if item]
+        return {k.strip(): float(v) for k, v in pairs}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected name=weight,name=weight..., got {text!r}") from None
 
 
 def _run(args) -> int:

@@ -4,9 +4,14 @@ One step = `grad_accum` micro-batches → mean next-token loss over all loss tok
 batch → backward → gradient clipping → AdamW (MetaP parameter groups) → MoE bias update.
 
 Stages, as Meta describes the recipe:
-  1. vision alignment (`--align-steps N`): image-caption batches only; the language model is
-     frozen (its gradients are dropped), the vision tower and projector learn to speak its language;
-  2. joint training on the full text + image mixture, everything unfrozen.
+  * vision alignment (`--align-steps N`, from step `--align-start S`): image-caption batches
+    only; the language model is frozen (its gradients are dropped) while the vision tower and
+    projector learn to speak its language. Meta aligns against a pre-trained language model, so
+    a from-scratch run places this stage after S steps of joint pre-training;
+  * joint training on the full text + image mixture, everything unfrozen, before and after.
+
+Packed rows hold several documents; attention is masked so it never crosses from one into the
+next (`--no-document-mask` to ablate), as Meta trains Llama 3 and 4.
 
 Outputs in OUT/: metrics.jsonl (one JSON object per logged step: step, loss, lr, tokens_per_s,
 grad_norm, expert-load statistics, val_loss / digit_acc at evaluations), loss.png, checkpoints/
@@ -50,13 +55,15 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     clip: float = 1.0
     bf16: bool = True  # bf16 autocast for matmuls
+    document_mask: bool = True  # attention stays inside each packed document (off: ablation)
     metap: bool = True
     metap_base_width: int = 256
     fp8: str | None = None  # None | tensorwise | rowwise
     balance: str = "bias"  # bias | aux | none
     bias_rate: float = 1e-3
     aux_coef: float = 1e-2
-    align_steps: int = 0  # vision alignment stage (language model frozen)
+    align_steps: int = 0  # vision alignment stage (language model frozen) ...
+    align_start: int = 0  # ... starting at this step (after some text pre-training, as Meta does)
     eval_every: int = 50
     eval_batches: int = 8
     log_every: int = 10
@@ -80,8 +87,8 @@ class TrainConfig:
             raise ValueError(f"--fp8 must be tensorwise or rowwise, got {self.fp8!r}")
         if self.balance not in ("bias", "aux", "none"):
             raise ValueError(f"--balance must be bias, aux or none, got {self.balance!r}")
-        if self.align_steps >= self.max_steps and self.align_steps:
-            raise ValueError("--align-steps must be smaller than --max-steps")
+        if self.align_steps and self.align_start + self.align_steps >= self.max_steps:
+            raise ValueError("the alignment stage (--align-start + --align-steps) must end before --max-steps")
 
 
 # ----- pieces -------------------------------------------------------------------------------------
@@ -148,13 +155,12 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, val, cfg: TrainConfig, env, device) -> float:
+def evaluate(model, val, cfg: TrainConfig, env, device, bos_id=None) -> float:
     """Mean validation loss (nats/token) over the first `eval_batches` validation batches."""
     model.eval()
     total, count = 0.0, 0
     for batch in val:
-        with autocast(cfg, device):
-            logits = model(batch.input_ids.to(device), pixel_values=_px(batch, device))
+        logits = forward(model, batch, cfg, device, bos_id)
         total += float(token_loss_sum(logits, batch.labels.to(device)))
         count += int((batch.labels != -100).sum())
     model.train()
@@ -165,6 +171,21 @@ def evaluate(model, val, cfg: TrainConfig, env, device) -> float:
 
 def _px(batch, device):
     return None if batch.pixel_values is None else batch.pixel_values.to(device)
+
+
+def document_ids(input_ids: torch.Tensor, bos_id: int | None) -> torch.Tensor | None:
+    """[B, T] ids of the packed documents: every <|begin_of_text|> starts a new one."""
+    if bos_id is None:
+        return None
+    return (input_ids == bos_id).cumsum(dim=-1)
+
+
+def forward(model, batch, cfg: TrainConfig, device, bos_id):
+    """Logits for a batch, with document masking when configured."""
+    ids = batch.input_ids.to(device)
+    docs = document_ids(ids, bos_id) if cfg.document_mask else None
+    with autocast(cfg, device):
+        return model(ids, pixel_values=_px(batch, device), document_ids=docs)
 
 
 def plot_curves(metrics_path: Path, png: Path, baseline: float | None = None, title: str = "") -> None:
@@ -316,7 +337,7 @@ def train(cfg: TrainConfig) -> dict:
     summary: dict = {"baseline_unigram": baseline}
 
     for step in range(start_step, cfg.max_steps):
-        aligning = align_it is not None and step < cfg.align_steps
+        aligning = align_it is not None and cfg.align_start <= step < cfg.align_start + cfg.align_steps
         it = align_it if aligning else train_it
         mult = lr_multiplier(step, cfg.max_steps, cfg.warmup, cfg.schedule, cfg.min_lr_ratio)
         for g in optimizer.param_groups:
@@ -326,8 +347,7 @@ def train(cfg: TrainConfig) -> dict:
         global_tokens = round(distributed.mean_across_ranks(local_tokens, env) * env.world)
         loss_sum = 0.0
         for b in batches:
-            with autocast(cfg, device):
-                logits = model(b.input_ids.to(device), pixel_values=_px(b, device))
+            logits = forward(model, b, cfg, device, tokenizer.bos_id)
             loss = token_loss_sum(logits, b.labels.to(device))
             # gradients are averaged over ranks; scale so the total is the global per-token mean
             scaled = loss * (env.world / max(global_tokens, 1))
@@ -361,7 +381,7 @@ def train(cfg: TrainConfig) -> dict:
             t_log, tokens_since_log = now, 0
         if done % cfg.eval_every == 0 or done == cfg.max_steps:
             record = record or {"step": done, "loss": round(step_loss, 5)}
-            record["val_loss"] = round(evaluate(model, val_data, cfg, env, device), 5)
+            record["val_loss"] = round(evaluate(model, val_data, cfg, env, device, tokenizer.bos_id), 5)
             digit_acc = digit_accuracy(model, digit_eval, cfg, device)
             if digit_acc is not None:
                 record["digit_acc"] = round(digit_acc, 4)

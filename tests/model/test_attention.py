@@ -96,3 +96,40 @@ def test_vision_rope_matches_transformers():
     cos, sin = vision_rope_angles(8, 32, 10000.0)
     torch.testing.assert_close(cos, theirs.real.reshape(cos.shape))
     torch.testing.assert_close(sin, theirs.imag.reshape(sin.shape))
+
+
+@pytest.mark.parametrize("chunk,start", [(None, 0), (16, 0), (8, 5)])
+def test_document_attention_matches_mask_reference(chunk, start):
+    g = torch.Generator().manual_seed(7)
+    T = 40
+    q = torch.randn(2, 4, T, 8, generator=g)
+    k, v = torch.randn(2, 2, T, 8, generator=g), torch.randn(2, 2, T, 8, generator=g)
+    doc = torch.tensor([[0] * 10 + [1] * 25 + [2] * 5, [0] * 40])
+    pos = torch.arange(start, start + T)
+    for b in range(2):
+        allowed = (pos[None, :] <= pos[:, None]) & (doc[b][None, :] == doc[b][:, None])
+        if chunk:
+            allowed &= pos[None, :] // chunk == pos[:, None] // chunk
+        out = A.document_causal_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], doc[b:b + 1], chunk, start)
+        ref = masked_reference(q[b:b + 1], k[b:b + 1], v[b:b + 1], allowed)
+        torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_documents_see_only_themselves():
+    """With document ids, a packed row gives each document the logits it gets alone (RoPE is
+    relative; no chunk boundary or temperature tuning in the way)."""
+    import herd
+    from tests.conftest import model_config
+
+    cfg = model_config(vision=False, text=dict(attention_chunk_size=None, attn_temperature_tuning=False))
+    model = herd.build_model(cfg, seed=0).eval()
+    a, b = torch.randint(0, 400, (1, 9)), torch.randint(0, 400, (1, 14))
+    packed = torch.cat([a, b], dim=1)
+    doc_ids = torch.tensor([[0] * 9 + [1] * 14])
+    with torch.no_grad():
+        out = model(packed, document_ids=doc_ids)
+        torch.testing.assert_close(out[:, :9], model(a), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(out[:, 9:], model(b), atol=1e-4, rtol=1e-4)
+        assert (model(packed)[:, 9:] - model(b)).abs().max() > 1e-3  # without ids, b sees a
+    with pytest.raises(ValueError, match="document_ids"):
+        model(packed, document_ids=doc_ids[:, :5])
