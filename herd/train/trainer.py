@@ -198,8 +198,12 @@ def plot_curves(metrics_path: Path, png: Path, baseline: float | None = None, ti
     if not rows:
         return
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    tr = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    # train loss of the joint stage only: alignment-stage batches are image captions, another task
+    tr = [(r["step"], r["loss"]) for r in rows if "loss" in r and r.get("stage") != "align"]
     va = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    align = [r["step"] for r in rows if r.get("stage") == "align"]
+    if align:
+        ax.axvspan(min(align) - 1, max(align), color="#ffcc66", alpha=0.3, label="vision alignment (LM frozen)")
     if tr:
         ax.plot(*zip(*tr), label="train loss", color="#1f77b4", alpha=0.8)
     if va:
