@@ -327,7 +327,7 @@ def train(cfg: TrainConfig) -> dict:
 
     tracker = balance.LoadTracker(base_model)
     model.train()
-    lm_params = [p for n, p in model.named_parameters() if n.startswith("language_model.")]
+    lm_params = [p for n, p in model.named_parameters() if n.removeprefix("module.").startswith("language_model.")]
     progress = None
     if env.is_main and cfg.progress:
         from tqdm import tqdm
