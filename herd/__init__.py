@@ -23,6 +23,9 @@ _LAZY = {
     "save_model": ("herd.model.weights", "save_model"),
     "count_params": ("herd.params", "count_params"),
     "load_tokenizer": ("herd.tokenizer", "load_tokenizer"),
+    "generate": ("herd.inference.generate", "generate"),
+    "generate_stream": ("herd.inference.generate", "generate_stream"),
+    "Engine": ("herd.inference.engine", "Engine"),
 }
 
 

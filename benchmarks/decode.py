@@ -1,0 +1,193 @@
+"""Prefill and decode throughput of herd's inference engine against transformers, same weights.
+
+The model is the random 552M-total / 123M-active Llama 4 that llama.cpp was measured on (FACTS):
+hidden 1024, 8 layers, 8 heads / 2 KV heads, head_dim 128, 16 experts top-1 + shared expert
+(expert width 1024), vocab 50,257. It is built from random weights; transformers loads the same
+weights from a directory herd writes.
+
+Measured (best of --repeat where repeated):
+  * prefill of a 512-token prompt at batch 1 (tokens/s, best of --repeat);
+  * decode of 128 tokens at batch 1 through herd.Engine (greedy sampling included), in bf16 and
+    with weight-only int8 (and int4 with --int4): 1 ÷ the median step time;
+  * batched decode throughput at batch 8 and 32, prompts of --batch-prompt tokens (rows ÷ median
+    step time while the batch is full);
+  * transformers (bf16, same weights) prefill and decode at batch 1 (a greedy loop over its KV
+    cache), printed as herd ÷ transformers.
+Medians, not means: on a shared machine other processes stall some steps.
+llama.cpp's figures from FACTS (same model kind, 2 threads) are printed as the targets.
+
+    python benchmarks/decode.py                 # full run (~3-5 min on 2 cores)
+    python benchmarks/decode.py --quick         # a small model and short runs: checks the script works
+    python benchmarks/decode.py --int4 --kv int8 --no-transformers
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import tempfile
+import time
+
+import torch
+from common import machine, markdown_table, quiet_transformers, setup_threads
+
+import herd
+from herd.config import ModelConfig, TextConfig
+from herd.inference import Engine, SamplingParams
+from herd.inference.cache import KVCache
+from herd.inference.engine import forward_step
+from herd.inference.fast import optimize_for_inference
+from herd.inference.quant import quantize_model
+
+LLAMA_CPP = {"prefill": "1015–1222", "bf16": "117–137", "int8": "160–170 (Q8_0)", "fp32": "54–65"}
+
+
+def model_config(quick: bool) -> ModelConfig:
+    if quick:
+        tc = TextConfig(vocab_size=8192, hidden_size=256, intermediate_size=256, intermediate_size_mlp=512,
+                        num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
+                        num_local_experts=16, num_experts_per_tok=1, bos_token_id=0, eos_token_id=1)
+    else:
+        tc = TextConfig(vocab_size=50257, hidden_size=1024, intermediate_size=1024, intermediate_size_mlp=2048,
+                        num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2, head_dim=128,
+                        num_local_experts=16, num_experts_per_tok=1, bos_token_id=0, eos_token_id=1)
+    return ModelConfig(text=tc)
+
+
+def load() -> str:
+    return open("/proc/loadavg").read().split()[0]
+
+
+def herd_prefill(model, ids: torch.Tensor, repeat: int, chunk: int | None) -> float:
+    """tokens/s of prefilling ids [1, T] into a fresh cache (logits of the last position)."""
+    T = ids.shape[1]
+    step = chunk or T
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(repeat + 1):  # the first run warms up
+            cache = KVCache.for_model(model, 1, T + 8)
+            t = time.perf_counter()
+            for a in range(0, T, step):
+                forward_step(model, ids[:, a:a + step], cache.select(0, 1))
+            best = min(best, time.perf_counter() - t)
+    return T / best
+
+
+def median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
+
+
+def herd_decode(model, prompts: list[list[int]], new: int, kv=None) -> float:
+    """Decode tokens/s with all len(prompts) rows running (herd.Engine, greedy sampling included):
+    rows ÷ the median time of the steps taken while every row is decoding."""
+    B = len(prompts)
+    engine = Engine(model, max_batch=B, capacity=max(map(len, prompts)) + new + 1, prefill_chunk=512, kv_dtype=kv)
+    params = SamplingParams(max_new_tokens=new, stop_token_ids=[])
+    for p in prompts:
+        engine.add(p, params)
+    times = []
+    while engine.has_work():
+        full = len(engine.active) == B and engine.prefilling is None and not engine.waiting
+        t = time.perf_counter()
+        engine.step()
+        if full and len(engine.active) == B:
+            times.append(time.perf_counter() - t)
+    return B / median(times)
+
+
+def hf_numbers(model, ids: torch.Tensor, new: int, repeat: int) -> tuple[float, float]:
+    """transformers (bf16, same weights): prefill tok/s (best of `repeat`) and decode tok/s at batch 1
+    (1 ÷ median step time of a greedy loop over its own KV cache, as `generate` runs it)."""
+    transformers = quiet_transformers()
+    with tempfile.TemporaryDirectory() as d:
+        herd.save_model(model, d)
+        hf = transformers.Llama4ForCausalLM.from_pretrained(d, dtype=torch.bfloat16).eval()
+    T = ids.shape[1]
+    with torch.inference_mode():
+        hf(ids[:, :16])  # warm-up
+        best = float("inf")
+        for _ in range(repeat):
+            t = time.perf_counter()
+            out = hf(ids, use_cache=True, logits_to_keep=1)
+            best = min(best, time.perf_counter() - t)
+        past, tok, times = out.past_key_values, out.logits[:, -1:].argmax(-1), []
+        for i in range(new - 1):
+            t = time.perf_counter()
+            out = hf(input_ids=tok, past_key_values=past, use_cache=True,
+                     cache_position=torch.tensor([T + i]), logits_to_keep=1)
+            past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            times.append(time.perf_counter() - t)
+    del hf
+    gc.collect()
+    return T / best, 1 / median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small model, short runs (checks the script)")
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--batches", type=int, nargs="*", default=[8, 32])
+    ap.add_argument("--batch-prompt", type=int, default=128, help="prompt length of the batched runs")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--int4", action="store_true", help="also measure int4 weights (group 64)")
+    ap.add_argument("--kv", choices=("auto", "int8"), default="auto", help="KV cache of the global layers")
+    ap.add_argument("--no-transformers", action="store_true")
+    args = ap.parse_args()
+    if args.quick:
+        args.prompt, args.new, args.batches, args.repeat, args.batch_prompt = 64, 16, [4], 1, 32
+    setup_threads()
+    kv = None if args.kv == "auto" else args.kv
+    print(f"# decode benchmark — {machine()}; load average at start {load()}")
+    cfg = model_config(args.quick)
+    t = time.perf_counter()
+    base = herd.build_model(cfg, dtype=torch.bfloat16, seed=0).eval()
+    counts = herd.count_params(cfg)
+    emb = cfg.text.vocab_size * cfg.text.hidden_size
+    print(f"model: {counts['total'] / 1e6:.0f}M total, {(counts['active'] - emb) / 1e6:.0f}M active per token "
+          f"(without the embedding table); built in {time.perf_counter() - t:.1f}s")
+    g = torch.Generator().manual_seed(0)
+    V = cfg.text.vocab_size
+    ids = torch.randint(2, V, (1, args.prompt), generator=g)
+    batch_prompts = {B: [torch.randint(2, V, (args.batch_prompt,), generator=g).tolist() for _ in range(B)]
+                     for B in args.batches}
+
+    hf = None
+    if not args.no_transformers:
+        t = time.perf_counter()
+        hf = hf_numbers(base, ids, args.new, args.repeat)
+        print(f"transformers bf16: prefill {hf[0]:.0f} tok/s, decode {hf[1]:.1f} tok/s "
+              f"({time.perf_counter() - t:.0f}s)")
+
+    variants = [("bf16", None)] + [("int8", 8)] + ([("int4", 4)] if args.int4 else [])
+    rows = []
+    for name, bits in variants:
+        model = herd.build_model(cfg, dtype=torch.bfloat16, seed=0).eval()
+        model = quantize_model(model, bits=bits) if bits else optimize_for_inference(model)
+        gc.collect()
+        pre = herd_prefill(model, ids, args.repeat, 512)
+        dec = herd_decode(model, [ids[0].tolist()], args.new, kv)
+        batched = [herd_decode(model, batch_prompts[B], args.new, kv) for B in args.batches]
+        rows.append([f"herd {name}", f"{pre:.0f}", f"{dec:.1f}"] + [f"{b:.0f}" for b in batched]
+                    + ([f"{pre / hf[0]:.1f}× / {dec / hf[1]:.1f}×"] if hf else []))
+        print(f"herd {name}: prefill {pre:.0f} tok/s, decode {dec:.1f} tok/s, batched {[round(b) for b in batched]} "
+              f"(load {load()})", flush=True)
+        del model
+        gc.collect()
+    header = (["engine", f"prefill {args.prompt} (tok/s)", "decode B=1 (tok/s)"]
+              + [f"decode B={B}, prompt {args.batch_prompt} (tok/s)" for B in args.batches]
+              + (["vs transformers (prefill / decode)"] if hf else []))
+    if hf:
+        rows.append(["transformers bf16", f"{hf[0]:.0f}", f"{hf[1]:.1f}"] + ["–"] * len(args.batches) + ["1×"])
+    rows.append(["llama.cpp BF16 (FACTS)", LLAMA_CPP["prefill"], LLAMA_CPP["bf16"]] + ["–"] * len(args.batches)
+                + ([""] if hf else []))
+    rows.append(["llama.cpp Q8_0 (FACTS)", "–", LLAMA_CPP["int8"]] + ["–"] * len(args.batches)
+                + ([""] if hf else []))
+    print()
+    print(markdown_table(header, rows))
+    print(f"\nload average at end {load()} (other processes on the machine make every number lower)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,301 @@
+"""KV cache for Llama 4: the whole history for global (NoPE) layers, one chunk for chunked layers.
+
+Per layer, rows are sequence slots (a batch):
+  global layer   k, v [rows, kv_heads, capacity, head_dim]; position p lives at index p.
+  chunked layer  k, v [rows, kv_heads, min(chunk, capacity), head_dim], a ring holding only the
+                 current chunk: position p lives at slot p % chunk, and a query at p sees slots
+                 0 … p % chunk (the positions chunk_start(p) … p). Memory O(chunk), not O(context).
+Optionally the global layers store int8 values with one float32 scale per (row, head, position)
+(`kv_dtype=torch.int8`), halving the only part of the cache that grows with the context.
+
+Protocol with herd/model (one attention implementation, in herd/model/attention.py):
+  Llama4.forward reads `next_position`; Llama4.hidden_states calls `begin(positions)` once per
+  forward (all per-step bookkeeping — write indices, masks — is done there, once, not per layer),
+  each Attention layer calls `attend(layer, q, k, v, positions, chunk)`, and `end()` advances the
+  lengths. `select(start, count)` picks the rows the next forward covers (default: all).
+
+Rows may sit at different positions (batched decode, one token per row: masks come from the
+per-row lengths). Several tokens per row (prefill) need rows at the same position; the new
+tokens attend to the cached prefix and to themselves separately and the two results are merged
+by log-sum-exp, so no [T, context] mask is ever built and prefill memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from herd.config import ModelConfig, TextConfig
+from herd.model.attention import attention_lse, causal_attention, chunked_causal_attention, merge_attention
+
+
+def _quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] → int8 values and float32 scales [...] (symmetric, per vector)."""
+    xf = x.float()
+    scale = xf.abs().amax(-1).clamp_min(1e-8) / 127.0
+    q = torch.round(xf / scale[..., None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+class KVCache:
+    """Preallocated keys/values for `batch_size` sequences (see the module docstring)."""
+
+    def __init__(self, config: TextConfig | ModelConfig, batch_size: int = 1, capacity: int = 1024,
+                 dtype: torch.dtype = torch.float32, kv_dtype: torch.dtype | str | None = None,
+                 device: str | torch.device = "cpu", block_size: int = 32768):
+        cfg = config.text if isinstance(config, ModelConfig) else config
+        if kv_dtype in ("int8", torch.int8):
+            self.quantized = True
+        elif kv_dtype in (None, "auto", dtype):
+            self.quantized = False
+        else:
+            raise ValueError(f"kv_dtype must be None (the model's dtype) or 'int8', got {kv_dtype!r}")
+        if batch_size < 1 or capacity < 1:
+            raise ValueError(f"batch_size and capacity must be positive, got {batch_size}, {capacity}")
+        self.num_layers = cfg.num_hidden_layers
+        self.chunks: list[int | None] = [cfg.attention_chunk_size if cfg.is_chunked(i) else None
+                                         for i in range(self.num_layers)]
+        self.kv_heads, self.head_dim = cfg.num_key_value_heads, cfg.head_dim
+        self.dtype, self.device = dtype, torch.device(device)
+        self.batch_size, self.capacity = batch_size, 0
+        self.block_size = block_size  # int8 keys are dequantized this many positions at a time
+        L = self.num_layers
+        self.k: list[torch.Tensor | None] = [None] * L
+        self.v: list[torch.Tensor | None] = [None] * L
+        self.k_scale: list[torch.Tensor | None] = [None] * L
+        self.v_scale: list[torch.Tensor | None] = [None] * L
+        self.lengths = [0] * batch_size  # tokens stored per row (= the next position)
+        self._row0, self._rows = 0, batch_size
+        self._plan: dict | None = None
+        self.reserve(capacity)
+
+    @classmethod
+    def for_model(cls, model, batch_size: int = 1, capacity: int = 1024, kv_dtype=None, **kw) -> "KVCache":
+        return cls(model.config, batch_size, capacity, dtype=model.dtype, kv_dtype=kv_dtype, device=model.device, **kw)
+
+    # ----- storage ------------------------------------------------------------------------------
+    def _slots(self, layer: int, capacity: int) -> int:
+        c = self.chunks[layer]
+        return capacity if c is None else min(c, capacity)
+
+    def _is_int8(self, layer: int) -> bool:
+        return self.quantized and self.chunks[layer] is None
+
+    def reserve(self, capacity: int) -> None:
+        """Make room for `capacity` positions per row (grows the global layers' buffers; the chunked
+        layers' rings stop growing at their chunk)."""
+        if capacity <= self.capacity:
+            return
+        B, kv, D = self.batch_size, self.kv_heads, self.head_dim
+        for i in range(self.num_layers):
+            n = self._slots(i, capacity)
+            old = self.k[i]
+            if old is not None and old.shape[2] == n:
+                continue
+            vdtype = torch.int8 if self._is_int8(i) else self.dtype
+            k = torch.zeros(B, kv, n, D, dtype=vdtype, device=self.device)  # zeros: masked slots stay finite
+            v = torch.zeros(B, kv, n, D, dtype=vdtype, device=self.device)
+            if old is not None:
+                m = old.shape[2]
+                k[:, :, :m] = old
+                v[:, :, :m] = self.v[i]
+            self.k[i], self.v[i] = k, v
+            if self._is_int8(i):
+                ks = torch.zeros(B, kv, n, dtype=torch.float32, device=self.device)
+                vs = torch.zeros(B, kv, n, dtype=torch.float32, device=self.device)
+                if old is not None:
+                    ks[:, :, :m] = self.k_scale[i]
+                    vs[:, :, :m] = self.v_scale[i]
+                self.k_scale[i], self.v_scale[i] = ks, vs
+        self.capacity = capacity
+
+    def nbytes(self, layers: str = "all") -> int:
+        """Bytes held by the buffers: layers = "all" | "global" | "chunked"."""
+        total = 0
+        for i in range(self.num_layers):
+            if layers == "global" and self.chunks[i] is not None or layers == "chunked" and self.chunks[i] is None:
+                continue
+            for t in (self.k[i], self.v[i], self.k_scale[i], self.v_scale[i]):
+                if t is not None:
+                    total += t.numel() * t.element_size()
+        return total
+
+    def slots(self, layer: int) -> int:
+        """Positions layer `layer` can hold per row (its buffer length)."""
+        return self.k[layer].shape[2]
+
+    def positions_held(self, layer: int, row: int = 0) -> int:
+        """Positions of row `row` that layer `layer` currently keeps (and attends to next)."""
+        n, c = self.lengths[row], self.chunks[layer]
+        return n if c is None else (0 if n == 0 else (n - 1) % c + 1)
+
+    # ----- rows ---------------------------------------------------------------------------------
+    def select(self, start: int = 0, count: int | None = None) -> "KVCache":
+        """The next forward covers rows start … start+count-1 (its batch dimension)."""
+        count = self.batch_size - start if count is None else count
+        if start < 0 or count < 1 or start + count > self.batch_size:
+            raise ValueError(f"rows {start}…{start + count - 1} outside the cache's {self.batch_size} rows")
+        self._row0, self._rows = start, count
+        return self
+
+    @property
+    def next_position(self) -> int | torch.Tensor:
+        """Next position of the selected rows: an int when they agree, else a LongTensor [rows]."""
+        lens = self.lengths[self._row0:self._row0 + self._rows]
+        if all(n == lens[0] for n in lens):
+            return lens[0]
+        return torch.tensor(lens, dtype=torch.long, device=self.device)
+
+    def reset(self, rows: int | list[int] | None = None) -> None:
+        """Forget the contents of some rows (default all). Buffers are reused, not freed."""
+        rows = range(self.batch_size) if rows is None else ([rows] if isinstance(rows, int) else rows)
+        for r in rows:
+            self.lengths[r] = 0
+
+    def copy_row(self, src: int, dst: int) -> None:
+        """Move a sequence from row src to row dst (continuous batching keeps live rows contiguous)."""
+        if src == dst:
+            return
+        n = self.lengths[src]
+        for i in range(self.num_layers):
+            m = n if self.chunks[i] is None else self.k[i].shape[2]
+            for t in (self.k[i], self.v[i], self.k_scale[i], self.v_scale[i]):
+                if t is not None:
+                    t[dst, :, :m] = t[src, :, :m]
+        self.lengths[dst] = n
+
+    def truncate(self, row: int, length: int) -> bool:
+        """Drop positions ≥ length of a row (to reuse a shared prompt prefix). Returns False, changing
+        nothing, when a chunked layer has already overwritten part of the chunk holding `length`."""
+        n = self.lengths[row]
+        if not 0 <= length <= n:
+            raise ValueError(f"cannot truncate row {row} of length {n} to {length}")
+        for c in set(self.chunks) - {None}:
+            if n > (length // c + 1) * c:
+                return False
+        self.lengths[row] = length
+        return True
+
+    # ----- the model-side protocol -------------------------------------------------------------
+    def begin(self, positions: torch.Tensor) -> None:
+        """Plan one forward over the selected rows at `positions` ([T] shared, or [rows, T])."""
+        r0, B = self._row0, self._rows
+        lens = self.lengths[r0:r0 + B]
+        T = positions.shape[-1]
+        if positions.dim() == 2 and positions.shape[0] != B:
+            raise ValueError(f"positions has {positions.shape[0]} rows but the cache has {B} rows selected")
+        starts = [int(positions[0])] * B if positions.dim() == 1 else positions[:, 0].tolist()
+        if starts != lens:
+            raise ValueError(f"positions {starts} do not continue the cache (row lengths {lens}); "
+                             "positions must follow the tokens already cached")
+        same = all(n == lens[0] for n in lens)
+        if T > 1 and not same:
+            raise ValueError("rows at different positions can only advance one token at a time")
+        need = max(lens) + T
+        if need > self.capacity:
+            self.reserve(max(need, min(2 * self.capacity, need + 65536)))
+        plan: dict = {"T": T, "same": same, "start": lens[0], "rows": slice(r0, r0 + B)}
+        if T == 1:  # decode: write each row's token at its own index, then attend over [0, len]
+            if not same:
+                plan["row_idx"] = torch.arange(r0, r0 + B, device=self.device)
+            for c in set(self.chunks):
+                plan[c] = self._decode_plan(lens if c is None else [n % c for n in lens], same)
+        self._plan = plan
+
+    def _decode_plan(self, idx: list[int], same: bool) -> tuple:
+        """(write index per row, keys to attend, mask or None, the shared index) for one layer kind."""
+        hi = max(idx) + 1
+        if same:
+            return None, hi, None, idx[0]
+        t = torch.tensor(idx, dtype=torch.long, device=self.device)
+        mask = None
+        if min(idx) + 1 != hi:  # ragged rows: key j is visible to row b iff j <= idx[b]
+            keep = torch.arange(hi, device=self.device)[None, :] <= t[:, None]
+            mask = torch.zeros(keep.shape, dtype=self.dtype, device=self.device).masked_fill_(~keep, float("-inf"))
+            mask = mask[:, None, None, :]  # [B, 1, 1, hi]
+        return t, hi, mask, idx[0]
+
+    def end(self) -> None:
+        T = self._plan["T"]
+        for r in range(self._row0, self._row0 + self._rows):
+            self.lengths[r] += T
+        self._plan = None
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+               chunk: int | None = None) -> torch.Tensor:
+        """q [B, h, T, D], k/v [B, kv, T, D] (rotated, normed, scaled) → attention output [B, h, T, D]
+        over the cached positions and the new ones; stores k/v."""
+        p = self._plan
+        if p["T"] == 1:
+            return self._decode(layer, q, k, v, p, chunk)
+        if chunk is None:
+            return self._prefill_global(layer, q, k, v, p)
+        return self._prefill_chunked(layer, q, k, v, p, chunk)
+
+    # ----- writing and reading ------------------------------------------------------------------
+    def _write(self, layer: int, rows, index, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k/v [B, kv, T, D] at `index` (a slice of positions, or per-row tensor for T = 1)."""
+        if isinstance(index, torch.Tensor):  # one position per row (advanced indexing → [B, kv, D])
+            k, v = k[:, :, 0], v[:, :, 0]
+        dst = (rows, slice(None), index)
+        if self._is_int8(layer):
+            kq, ks = _quantize(k)
+            vq, vs = _quantize(v)
+            self.k[layer][dst], self.k_scale[layer][dst] = kq, ks
+            self.v[layer][dst], self.v_scale[layer][dst] = vq, vs
+        else:
+            self.k[layer][dst] = k
+            self.v[layer][dst] = v
+
+    def _read_parts(self, layer: int, q: torch.Tensor, rows: slice, end: int, mask=None) -> list:
+        """attention_lse of q over cached positions [0, end) of `rows` (in blocks when int8)."""
+        K, V = self.k[layer], self.v[layer]
+        if not self._is_int8(layer):
+            return [attention_lse(q, K[rows, :, :end], V[rows, :, :end], mask=mask)]
+        ks, vs = self.k_scale[layer], self.v_scale[layer]
+        parts = []
+        for a in range(0, end, self.block_size):
+            b = min(end, a + self.block_size)
+            # one mixed-dtype multiply per tensor: int8 values × scales in the compute dtype
+            kb = torch.mul(K[rows, :, a:b], ks[rows, :, a:b, None].to(self.dtype))
+            vb = torch.mul(V[rows, :, a:b], vs[rows, :, a:b, None].to(self.dtype))
+            parts.append(attention_lse(q, kb, vb, mask=None if mask is None else mask[..., a:b]))
+        return parts
+
+    def _decode(self, layer, q, k, v, p, chunk):
+        idx, hi, mask, first = p[chunk]
+        rows = p["rows"]
+        if p["same"]:
+            self._write(layer, rows, slice(first, first + 1), k, v)
+        else:
+            self._write(layer, p["row_idx"], idx, k, v)
+        return merge_attention(self._read_parts(layer, q, rows, hi, mask))
+
+    def _prefill_global(self, layer, q, k, v, p):
+        s, T, rows = p["start"], p["T"], p["rows"]
+        if s == 0:
+            out = causal_attention(q, k, v)
+        else:
+            parts = self._read_parts(layer, q, rows, s)
+            parts.append(attention_lse(q, k, v, causal=True))
+            out = merge_attention(parts)
+        self._write(layer, rows, slice(s, s + T), k, v)
+        return out
+
+    def _prefill_chunked(self, layer, q, k, v, p, chunk):
+        s, T, rows = p["start"], p["T"], p["rows"]
+        off = s % chunk
+        first = min(T, chunk - off)  # new tokens inside the chunk the cache is in
+        qa, ka, va = q[:, :, :first], k[:, :, :first], v[:, :, :first]
+        if off:
+            parts = self._read_parts(layer, qa, rows, off)
+            parts.append(attention_lse(qa, ka, va, causal=True))
+            outs = [merge_attention(parts)]
+        else:
+            outs = [causal_attention(qa, ka, va)]
+        if first < T:  # the rest starts on a chunk boundary: no cached keys involved
+            outs.append(chunked_causal_attention(q[:, :, first:], k[:, :, first:], v[:, :, first:], chunk, s + first))
+        # keep only the positions of the last chunk touched (read above before overwriting)
+        last = max(s, (s + T - 1) // chunk * chunk)
+        j = last - s
+        self._write(layer, rows, slice(last % chunk, last % chunk + T - j), k[:, :, j:], v[:, :, j:])
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)

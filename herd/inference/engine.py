@@ -1,0 +1,290 @@
+"""Continuous batching: sequences join and leave a running batch between decode steps.
+
+    engine = Engine(model, max_batch=8, tokenizer=tok)
+    sid = engine.add(prompt_ids, SamplingParams(max_new_tokens=64, temperature=0.7, seed=1))
+    for event in engine.run():          # or engine.step() from a serving loop
+        print(event.seq_id, event.token, event.text, event.finish_reason)
+
+Each step (1) prefills at most `prefill_chunk` prompt tokens of one waiting sequence (chunked
+prefill: long prompts are spread over steps, so running sequences keep decoding), then (2)
+decodes one token for every running sequence in a single batched forward, each row at its own
+position. Live sequences occupy cache rows 0 … n-1; when one finishes, the last row moves into
+its place, so the decode batch is always a contiguous view of the cache (no gather per step).
+Images are encoded once, when the sequence's prefill starts.
+
+`add` and `cancel` may be called from other threads; `step` runs in one thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+
+from herd.inference.cache import KVCache
+from herd.inference.sampling import RowState, SamplingParams, sample
+from herd.inference.text import TextStream
+
+
+@dataclass
+class Event:
+    """One generated token of one sequence (token None: the sequence ended without a new token)."""
+
+    seq_id: Any
+    token: int | None
+    text: str = ""  # new text (needs a tokenizer); held back while it may start a stop string
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" on the sequence's last event
+
+
+class Sequence:
+    """A request's state inside the engine."""
+
+    def __init__(self, seq_id, prompt: list[int], params: SamplingParams, vocab_size: int, eos: list[int],
+                 tokenizer=None, pixel_values=None, image_features=None):
+        self.id = seq_id
+        self.prompt = prompt
+        self.params = params
+        self.state = RowState(params, vocab_size)
+        self.stop_ids = set(eos if params.stop_token_ids is None else params.stop_token_ids)
+        self.text = TextStream(tokenizer, params.stop) if tokenizer is not None else None
+        self.pixel_values, self.features = pixel_values, image_features
+        self.output: list[int] = []
+        self.prefilled = 0  # prompt tokens already in the cache
+        self.image_offset = 0  # image features already consumed by prefill
+        self.last: int | None = None  # the token to feed next
+        self.finish_reason: str | None = None
+
+    def accept(self, token: int, logprob=None, top=None, max_seq_len: int | None = None) -> Event:
+        """Record a sampled token → its Event (finish_reason set when the sequence is done)."""
+        self.output.append(token)
+        self.state.observe(token)
+        self.last = token
+        reason, text = None, ""
+        if token in self.stop_ids:
+            reason = "stop"
+            text = self.text.finish() if self.text else ""
+        else:
+            if self.text is not None:
+                text = self.text.push(token)
+                if self.text.stopped:
+                    reason = "stop"
+            if reason is None and (len(self.output) >= self.params.max_new_tokens or (
+                    max_seq_len is not None and len(self.prompt) + len(self.output) >= max_seq_len)):
+                reason = "length"
+            if reason == "length" and self.text is not None:
+                text += self.text.finish()
+        self.finish_reason = reason
+        return Event(self.id, token, text, logprob, top, reason)
+
+
+def forward_step(model, ids: torch.Tensor, cache: KVCache, image_features: torch.Tensor | None = None) -> torch.Tensor:
+    """ids [B, T] continuing the cache's selected rows → logits of each row's last position [B, vocab].
+
+    Llama4.forward without its input checks (the engine validated the prompt; sampled ids are in
+    range), and the LM head on the last position only.
+    """
+    T = ids.shape[1]
+    start = cache.next_position
+    if isinstance(start, torch.Tensor):
+        positions = start.view(-1, 1) + torch.arange(T, device=ids.device)
+    else:
+        positions = torch.arange(start, start + T, device=ids.device)
+    h = model.hidden_states(model.embed(ids, image_features=image_features), positions, cache)
+    return model.language_model.lm_head(h[:, -1])
+
+
+def prefill_tokens(model, cache: KVCache, row: int, ids: list[int], features: torch.Tensor | None,
+                   image_token: int | None) -> tuple[torch.Tensor, int]:
+    """Run `ids` through the model into cache row `row` → (last position's logits [vocab], image
+    features used). `features` are the image features from this segment's first image token on."""
+    x = torch.tensor([ids], dtype=torch.long, device=model.device)
+    feats, used = None, 0
+    if features is not None and image_token is not None:
+        used = sum(1 for t in ids if t == image_token)
+        feats = features[:used] if used else None
+    return forward_step(model, x, cache.select(row, 1), feats)[0], used
+
+
+class Engine:
+    """Batched generation with sequences added and removed between steps (see module docstring).
+
+    max_batch: rows of the KV cache (sequences decoding at once; more wait in a queue).
+    max_seq_len: hard limit on prompt + output tokens per sequence (None: the cache grows).
+    capacity: positions reserved per row up front (grows on demand when max_seq_len is None).
+    prefill_chunk: prompt tokens per forward (bounds prefill memory; long prompts take several steps).
+    kv_dtype: None (the model's dtype) or "int8" for the global layers' keys/values.
+    tokenizer: enables text deltas and stop strings.
+    """
+
+    def __init__(self, model, *, max_batch: int = 8, max_seq_len: int | None = None, capacity: int | None = None,
+                 prefill_chunk: int | None = 512, kv_dtype=None, tokenizer=None):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be ≥ 1, got {max_batch}")
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be ≥ 1 or None, got {prefill_chunk}")
+        self.model = model.eval()
+        cfg = model.config
+        self.vocab_size = cfg.text.vocab_size
+        self.eos = cfg.text.eos_token_ids
+        self.image_token = cfg.image_token_index if cfg.vision is not None else None
+        self.tokens_per_tile = cfg.vision.tokens_per_tile if cfg.vision is not None else None
+        self.max_batch, self.max_seq_len = max_batch, max_seq_len
+        self.prefill_chunk = prefill_chunk
+        self.tokenizer = tokenizer
+        cap = capacity or (max_seq_len if max_seq_len is not None else 2048)
+        self.cache = KVCache.for_model(model, batch_size=max_batch, capacity=cap, kv_dtype=kv_dtype)
+        self.active: list[Sequence] = []  # row i holds active[i]
+        self.prefilling: Sequence | None = None  # in row len(active)
+        self.waiting: deque[Sequence] = deque()
+        self._incoming: deque[Sequence] = deque()
+        self._cancel: set = set()
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self.steps = 0
+
+    # ----- requests -------------------------------------------------------------------------
+    def add(self, prompt, params: SamplingParams | None = None, *, pixel_values: torch.Tensor | None = None,
+            image_features: torch.Tensor | None = None, seq_id=None) -> Any:
+        """Queue a prompt (token ids) → its id. pixel_values [tiles, 3, S, S] are encoded at prefill."""
+        params = params or SamplingParams()
+        if isinstance(prompt, torch.Tensor):
+            if prompt.dim() == 2 and prompt.shape[0] == 1:
+                prompt = prompt[0]
+            if prompt.dim() != 1:
+                raise ValueError(f"a prompt is one sequence of token ids, got shape {tuple(prompt.shape)}")
+            prompt = prompt.tolist()
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise ValueError("the prompt is empty: generation needs at least one token (e.g. BOS)")
+        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        if self.max_seq_len is not None and len(prompt) >= self.max_seq_len:
+            raise ValueError(f"prompt of {len(prompt)} tokens leaves no room under max_seq_len {self.max_seq_len}")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer (Engine(..., tokenizer=...))")
+        n_img = prompt.count(self.image_token) if self.image_token is not None else 0
+        if pixel_values is not None or image_features is not None:
+            if self.image_token is None:
+                raise ValueError("this model is text-only (no vision_config) but images were given")
+            have = (image_features.shape[0] if image_features is not None
+                    else pixel_values.shape[0] * self.tokens_per_tile)
+            if have != n_img:
+                raise ValueError(f"the prompt has {n_img} image tokens (id {self.image_token}) but the images give "
+                                 f"{have} features ({self.tokens_per_tile} per tile)")
+        seq_id = next(self._ids) if seq_id is None else seq_id
+        seq = Sequence(seq_id, prompt, params, self.vocab_size, self.eos, self.tokenizer, pixel_values, image_features)
+        with self._lock:
+            self._incoming.append(seq)
+        return seq_id
+
+    def cancel(self, seq_id) -> None:
+        """Stop a sequence (it ends with finish_reason "cancelled" at the next step)."""
+        with self._lock:
+            self._cancel.add(seq_id)
+
+    def has_work(self) -> bool:
+        with self._lock:
+            incoming = bool(self._incoming) or bool(self._cancel)
+        return incoming or bool(self.waiting) or self.prefilling is not None or bool(self.active)
+
+    def run(self) -> Iterator[Event]:
+        """Step until every queued sequence has finished, yielding events as they happen."""
+        while self.has_work():
+            yield from self.step()
+
+    # ----- one step ---------------------------------------------------------------------------
+    def step(self) -> list[Event]:
+        """Prefill one segment of a waiting prompt, then decode one token for every running row."""
+        events: list[Event] = []
+        with self._lock:
+            self.waiting.extend(self._incoming)
+            self._incoming.clear()
+            cancel, self._cancel = self._cancel, set()
+        with torch.inference_mode():
+            if cancel:
+                self._cancel_now(cancel, events)
+            if self.prefilling is None and self.waiting and len(self.active) < self.max_batch:
+                self._start_prefill(self.waiting.popleft())
+            if self.prefilling is not None:
+                self._prefill_step(events)
+            if self.active:
+                self._decode_step(events)
+        self.steps += 1
+        return events
+
+    def _cancel_now(self, ids: set, events: list[Event]) -> None:
+        kept = deque()
+        for s in self.waiting:
+            (events.append(Event(s.id, None, finish_reason="cancelled")) if s.id in ids else kept.append(s))
+        self.waiting = kept
+        if self.prefilling is not None and self.prefilling.id in ids:
+            events.append(Event(self.prefilling.id, None, finish_reason="cancelled"))
+            self.prefilling = None
+        for r in reversed(range(len(self.active))):
+            if self.active[r].id in ids:
+                events.append(Event(self.active[r].id, None, finish_reason="cancelled"))
+                self._remove(r)
+
+    def _start_prefill(self, seq: Sequence) -> None:
+        row = len(self.active)
+        self.cache.reset(row)
+        if seq.features is None and seq.pixel_values is not None:
+            seq.features = self.model.encode_images(seq.pixel_values)  # once per prompt
+            seq.pixel_values = None
+        self.prefilling = seq
+
+    def _prefill_step(self, events: list[Event]) -> None:
+        seq, row = self.prefilling, len(self.active)
+        n = len(seq.prompt) - seq.prefilled
+        if self.prefill_chunk is not None:
+            n = min(n, self.prefill_chunk)
+        ids = seq.prompt[seq.prefilled:seq.prefilled + n]
+        feats = seq.features[seq.image_offset:] if seq.features is not None else None
+        logits, used = prefill_tokens(self.model, self.cache, row, ids, feats, self.image_token)
+        seq.prefilled += n
+        seq.image_offset += used
+        if seq.prefilled < len(seq.prompt):
+            return
+        self.prefilling = None
+        seq.features = None
+        if seq.params.max_new_tokens == 0:
+            events.append(Event(seq.id, None, finish_reason="length"))
+            return
+        out = sample(logits[None], [seq.state])
+        reason = self._accept(seq, out.tokens[0], out.logprobs[0], out.top_logprobs[0], events)
+        if reason is None:
+            self.active.append(seq)  # row `row` == len(active) before the append
+
+    def _decode_step(self, events: list[Event]) -> None:
+        n = len(self.active)
+        ids = torch.tensor([[s.last] for s in self.active], dtype=torch.long, device=self.model.device)
+        logits = forward_step(self.model, ids, self.cache.select(0, n))  # [n, vocab]
+        out = sample(logits, [s.state for s in self.active])
+        done = []
+        for r, seq in enumerate(self.active):
+            if self._accept(seq, out.tokens[r], out.logprobs[r], out.top_logprobs[r], events) is not None:
+                done.append(r)
+        for r in reversed(done):
+            self._remove(r)
+
+    def _accept(self, seq: Sequence, token: int, logprob, top, events: list[Event]) -> str | None:
+        """Record a sampled token; returns the finish reason if the sequence is done."""
+        events.append(seq.accept(token, logprob, top, self.max_seq_len))
+        return seq.finish_reason
+
+    def _remove(self, r: int) -> None:
+        """Drop active row r, keeping live rows contiguous (the last row moves into r)."""
+        last = len(self.active) - 1
+        if r != last:
+            self.cache.copy_row(last, r)
+            self.active[r] = self.active[last]
+        self.active.pop()
+        if self.prefilling is not None:  # it sits right after the live rows
+            self.cache.copy_row(last + 1, last)
