@@ -1,12 +1,10 @@
 """`herd generate`, `herd chat`, `herd quantize` end to end on tiny random models.
 
-The commands run through herd.cli.main once it registers them, else through an equivalent
-parser built from add_inference_subcommands (same error handling: ValueError → exit code 2).
+The commands run through herd.cli.main, as `herd ...` does (ValueError → exit code 2).
 """
 
 from __future__ import annotations
 
-import argparse
 import builtins
 import json
 import sys
@@ -17,25 +15,13 @@ import torch
 from PIL import Image
 
 import herd
-from herd.inference.cli import add_inference_subcommands
 from tests.conftest import model_config
 
 
 def run_cli(argv: list[str]) -> int:
     import herd.cli
 
-    parser = herd.cli.build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    if "generate" in sub.choices:
-        return herd.cli.main(argv)
-    parser = argparse.ArgumentParser(prog="herd")
-    add_inference_subcommands(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"herd {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    return herd.cli.main(argv)
 
 
 @pytest.fixture(scope="module")
