@@ -12,6 +12,8 @@ Public API (kept small and stable; other modules, tests and benchmarks use it):
 
 __version__ = "0.1.0"
 
+from herd._lazy import lazy_getattr
+
 _LAZY = {
     "ModelConfig": ("herd.config", "ModelConfig"),
     "TextConfig": ("herd.config", "TextConfig"),
@@ -29,15 +31,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name):  # lazy imports keep `import herd` and `herd --help` fast
-    if name in _LAZY:
-        import importlib
-
-        module, attr = _LAZY[name]
-        value = getattr(importlib.import_module(module), attr)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'herd' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())
 
 
 __all__ = list(_LAZY)

@@ -17,6 +17,8 @@ batches), loader (DataConfig, build_datasets, baselines), cli (`herd data`).
 Importing this package is cheap: names load on first use.
 """
 
+from herd._lazy import lazy_getattr
+
 _LAZY = {
     "DataConfig": ("herd.data.loader", "DataConfig"),
     "DEFAULT_WEIGHTS": ("herd.data.loader", "DEFAULT_WEIGHTS"),
@@ -42,15 +44,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-
-        module, attr = _LAZY[name]
-        value = getattr(importlib.import_module(module), attr)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'herd.data' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())
 
 
 __all__ = list(_LAZY)

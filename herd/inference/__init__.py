@@ -11,6 +11,8 @@ cache reuse), quant (int8/int4 weight-only quantization, save/load), fast (decod
 loading (model + tokenizer from a preset or directory), cli (`herd generate|chat|quantize`).
 """
 
+from herd._lazy import lazy_getattr
+
 _LAZY = {
     "KVCache": ("herd.inference.cache", "KVCache"),
     "SamplingParams": ("herd.inference.sampling", "SamplingParams"),
@@ -28,15 +30,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-
-        module, attr = _LAZY[name]
-        value = getattr(importlib.import_module(module), attr)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'herd.inference' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())
 
 
 __all__ = list(_LAZY)
