@@ -34,11 +34,12 @@ def can_pack(w: torch.Tensor) -> bool:
 class DenseKernel:
     """y = x @ W.T for W [out, in] in the compute dtype.
 
-    One row (decode at batch 1): torch.mv — in bf16 it streams the weight at 28–31 GB/s on
-    6–8 MB matrices here, against 21–24 GB/s for a oneDNN-prepacked weight and 16–18 GB/s for
-    F.linear. Several rows (prefill, batched decode): a copy of the weight prepacked once for
-    oneDNN (bf16 on CPU), which F.linear would otherwise re-layout on every call — prefill is
-    about 2× faster with it. pack=False skips the copy (half the weight memory, slower prefill).
+    One row (decode at batch 1): torch.mv. Measured here (2 threads, bf16, 6–8 MB matrices in
+    cache): mv 28–31 GB/s, a oneDNN-prepacked weight 21–24 GB/s, F.linear 16–18 GB/s; streaming
+    distinct matrices from memory, as decode does, mv reaches 12–17 GB/s (the machine reads ~20).
+    Several rows (prefill, batched decode): a copy of the weight prepacked once for oneDNN (bf16
+    on CPU), which F.linear would otherwise re-layout on every call — prefill runs about 2× faster
+    with it. pack=False skips the copy (half the weight memory, slower prefill).
     """
 
     def __init__(self, w: torch.Tensor, pack: bool = True):
