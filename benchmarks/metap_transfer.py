@@ -14,10 +14,26 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
+
+import torch
+from tqdm import tqdm
 
 from _runs import run, shared_assets
 from common import machine, markdown_table, setup_threads
+
+
+def one_run(out: Path, assets: dict, kw: dict) -> float:
+    """Final validation loss of one run (reused when the run already finished: sweeps can resume)."""
+    done = out / "summary.json"
+    if done.exists():
+        summary = json.loads(done.read_text())
+        if summary.get("step") == kw["max_steps"] and "val_loss" in summary:
+            return float(summary["val_loss"])
+    rows = run(out, assets, **kw)
+    return float(rows[-1].get("val_loss", float("nan")))
 
 
 def main() -> None:
@@ -28,23 +44,26 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--out", default="runs/bench_metap")
+    ap.add_argument("--jobs", type=int, default=2, help="runs in parallel (each with cores/jobs threads)")
     args = ap.parse_args()
     setup_threads()
     print(f"machine: {machine()}")
     root = Path(args.out)
     assets = shared_assets(root)
+    jobs = [(mode, width, lr) for mode in ("metap", "standard") for width in args.widths for lr in args.lrs]
+    common = dict(max_steps=args.steps, batch_size=args.batch, seq_len=args.seq, warmup=max(1, args.steps // 10),
+                  metap_base_width=min(args.widths), eval_every=args.steps, eval_batches=4, log_every=args.steps,
+                  threads=max(1, torch.get_num_threads() // args.jobs))
     results: dict = {}
-    for mode in ("metap", "standard"):
-        for width in args.widths:
-            for lr in args.lrs:
-                out = root / f"{mode}_w{width}_lr{lr:g}"
-                rows = run(out, assets, width=width, lr=lr, max_steps=args.steps, batch_size=args.batch,
-                           seq_len=args.seq, warmup=max(1, args.steps // 10), metap=mode == "metap",
-                           metap_base_width=min(args.widths), eval_every=args.steps, eval_batches=4,
-                           log_every=args.steps)
-                val = rows[-1].get("val_loss", float("nan"))
-                results[(mode, width, lr)] = val if math.isfinite(val) else float("inf")
-                print(f"{mode:8s} width {width:4d} lr {lr:.0e}: val loss {val:.4f}", flush=True)
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(one_run, root / f"{m}_w{w}_lr{lr:g}", assets, dict(common, width=w, lr=lr,
+                                                                                     metap=m == "metap")): (m, w, lr)
+                   for m, w, lr in jobs}
+        for fut in tqdm(as_completed(futures), total=len(futures), desc="runs"):
+            mode, width, lr = futures[fut]
+            val = fut.result()
+            results[(mode, width, lr)] = val if math.isfinite(val) else float("inf")
+            tqdm.write(f"{mode:8s} width {width:4d} lr {lr:.0e}: val loss {val:.4f}")
 
     header = ["mode", "width"] + [f"lr {lr:g}" for lr in args.lrs] + ["best lr"]
     rows, best = [], {}

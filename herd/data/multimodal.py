@@ -167,8 +167,8 @@ def digit_eval_set(tokenizer, vision_config, data_config=None, split: str = "val
                              f"{PROMPT_TEXT!r} + {d!r}: the digit evaluation would not match training")
     mask = validation_mask(corpus.split_keys, cfg.val_fraction)
     idx = np.flatnonzero(mask if split == "val" else ~mask)
-    if limit is not None:
-        idx = idx[:limit]
+    if limit is not None and limit < len(idx):  # evenly spaced: every source and class, not the first ones
+        idx = idx[np.linspace(0, len(idx) - 1, limit).round().astype(np.int64)]
     if len(idx) == 0:
         raise ValueError(f"no digit images in the {split} split")
     tiles = np.asarray(corpus.tiles[idx])  # [n, tiles, S, S]

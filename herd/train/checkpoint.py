@@ -25,6 +25,7 @@ import torch
 from herd.model.weights import _fsync_dir, atomic_write_bytes, save_model
 
 STATE_FILE = "trainer_state.pt"
+MAX_SHARD_BYTES = 5 * 2**30  # model weights past this size are split into indexed shards (HF layout)
 
 
 def rng_state() -> dict:
@@ -63,7 +64,7 @@ def save_checkpoint(root: str | Path, step: int, model, trainer_state: dict, kee
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_model(model, tmp, state_dict=model_state)
+    save_model(model, tmp, state_dict=model_state, max_shard_bytes=MAX_SHARD_BYTES)
     delay = float(os.environ.get("HERD_TEST_SLOW_SAVE", "0"))  # tests widen the window for a SIGKILL
     if delay:
         time.sleep(delay)

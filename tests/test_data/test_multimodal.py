@@ -123,5 +123,10 @@ def test_digit_eval_set(tok, small, vision):
     logits2 = torch.zeros(n, 3, tok.vocab_size)
     logits2[torch.arange(n), -1, ev.candidate_ids[(ev.targets + 1) % 10]] = 5.0
     assert ev.accuracy(logits2) == 0.0
+    # a limited set is spread over the whole split (sources are stored class by class: a prefix
+    # would miss classes), keeping its first and last image
+    part = digit_eval_set(tok, vision, cfg, limit=n // 3)
+    assert len(part) == n // 3 and set(part.doc_ids) <= set(ev.doc_ids)
+    assert part.doc_ids[0] == ev.doc_ids[0] and part.doc_ids[-1] == ev.doc_ids[-1]
     got = [len(t) for _, _, t in ev.batches(4)]
     assert sum(got) == n and max(got) <= 4
