@@ -37,7 +37,7 @@ test: setup oracle
 
 bench: setup
 	$(PY) benchmarks/moe.py
-	$(PY) benchmarks/train_step.py
+	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/tokenizer_speed.py
 	$(PY) benchmarks/fp8_parity.py
 	$(PY) benchmarks/metap_transfer.py

@@ -17,6 +17,7 @@ from torch import nn
 
 from herd.config import ModelConfig, TextConfig
 from herd.model.attention import Attention
+from herd.model.loss import linear_cross_entropy
 from herd.model.moe import MoE, SwiGLU
 from herd.model.rope import rope_angles, text_inv_freq
 from herd.model.vision import MultiModalProjector, VisionModel
@@ -192,7 +193,7 @@ class Llama4(nn.Module):
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, *, image_features: torch.Tensor | None = None,
                 cache=None, logits_slice: slice | None = None,
-                document_ids: torch.Tensor | None = None) -> torch.Tensor:
+                document_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [B, T] (+ pixel_values [n_tiles, 3, S, S]) → logits [B, T, vocab].
 
         position_ids: absolute positions [T] (default 0…T-1, or continuing the cache); with a cache
@@ -201,6 +202,9 @@ class Llama4(nn.Module):
         logits_slice: compute the LM head only for these positions (e.g. slice(-1, None) in decode).
         document_ids: [B, T] ids of the packed documents in each row (training): attention never
           crosses from one document into another.
+        labels: [B, T] next-token targets (already shifted, -100 ignored): returns the summed
+          cross-entropy (float32 scalar) instead of logits, the LM head fused with the loss in
+          chunks of tokens (herd.model.loss; no [B, T, vocab] logits are ever held).
         """
         self.check_inputs(input_ids, pixel_values)
         T = input_ids.shape[1]
@@ -222,7 +226,12 @@ class Llama4(nn.Module):
         h = self.hidden_states(h, position_ids, cache, document_ids)
         if logits_slice is not None:
             h = h[:, logits_slice]
-        return self.language_model.lm_head(h)
+        head = self.language_model.lm_head
+        if labels is not None and type(head) is nn.Linear and head.bias is None:
+            return linear_cross_entropy(h, head.weight, labels)
+        if labels is not None:  # a swapped-in head (quantised, ...): the plain path
+            return F.cross_entropy(head(h).float().flatten(0, -2), labels.flatten(), reduction="sum")
+        return head(h)
 
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, pixel_values: torch.Tensor | None = None,
              ignore_index: int = -100) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
     load_model("tiny")                  # a preset with fresh random weights
     load_model("path/to/hf_dir")        # config.json + model.safetensors | model-0000x-of-0000y.safetensors
+    load_model("path/to/quantized")     # a `herd quantize` directory (herd.inference.quant.load_quantized)
     save_model(model, "out_dir")        # the same layout; transformers loads it unchanged
 
 Reading is memory-mapped: tensors are views of the (privately mapped) files, so loading a model
@@ -148,6 +149,19 @@ def _checkpoint_files(d: Path) -> list[Path]:
     return []
 
 
+def read_model_tensors(d: str | os.PathLike, multimodal: bool) -> dict[str, torch.Tensor]:
+    """Every weight of a model directory (one file or an indexed set of shards), memory-mapped,
+    keyed by herd parameter names."""
+    d = Path(d)
+    files = _checkpoint_files(d)
+    if not files:
+        raise FileNotFoundError(f"{d}: no *.safetensors weights found")
+    tensors = {}
+    for f in files:
+        tensors.update(read_safetensors(f))
+    return {_to_herd_key(k, multimodal): v for k, v in tensors.items()}
+
+
 def _pickle_files(d: Path) -> list[Path]:
     return sorted([*d.glob("*.bin"), *d.glob("*.pt"), *d.glob("*.pth")])
 
@@ -206,6 +220,10 @@ def load_model(name_or_dir: str | os.PathLike, dtype: torch.dtype = torch.float3
         raise FileNotFoundError(f"{d}: no such directory, and not a preset (presets: {', '.join(PRESETS)})")
     if d.is_file():
         raise ValueError(f"{d} is a file; pass the model directory that holds config.json and the weights")
+    from herd.inference.quant import is_quantized_dir, load_quantized
+
+    if is_quantized_dir(d):  # written by `herd quantize`: int8/int4 weights, inference-ready (CPU)
+        return load_quantized(d, dtype)
     config = ModelConfig.from_json(d)
     files = _checkpoint_files(d)
     if not files:

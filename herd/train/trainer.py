@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from herd.train import balance, checkpoint, distributed, metap
 from herd.train.schedule import lr_multiplier
@@ -149,19 +148,13 @@ def autocast(cfg: TrainConfig, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy over positions whose label is not -100 (float32)."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
-
-
 @torch.no_grad()
 def evaluate(model, val, cfg: TrainConfig, env, device, bos_id=None) -> float:
     """Mean validation loss (nats/token) over the first `eval_batches` validation batches."""
     model.eval()
     total, count = 0.0, 0
     for batch in val:
-        logits = forward(model, batch, cfg, device, bos_id)
-        total += float(token_loss_sum(logits, batch.labels.to(device)))
+        total += float(forward(model, batch, cfg, device, bos_id, labels=batch.labels.to(device)))
         count += int((batch.labels != -100).sum())
     model.train()
     total = distributed.mean_across_ranks(total, env) * env.world
@@ -180,12 +173,13 @@ def document_ids(input_ids: torch.Tensor, bos_id: int | None) -> torch.Tensor | 
     return (input_ids == bos_id).cumsum(dim=-1)
 
 
-def forward(model, batch, cfg: TrainConfig, device, bos_id):
-    """Logits for a batch, with document masking when configured."""
+def forward(model, batch, cfg: TrainConfig, device, bos_id, labels: torch.Tensor | None = None):
+    """Logits for a batch, with document masking when configured; given `labels`, the summed
+    next-token loss instead (float32; the LM head fused with the loss, see herd.model.loss)."""
     ids = batch.input_ids.to(device)
     docs = document_ids(ids, bos_id) if cfg.document_mask else None
     with autocast(cfg, device):
-        return model(ids, pixel_values=_px(batch, device), document_ids=docs)
+        return model(ids, pixel_values=_px(batch, device), document_ids=docs, labels=labels)
 
 
 def plot_curves(metrics_path: Path, png: Path, baseline: float | None = None, title: str = "") -> None:
@@ -214,7 +208,17 @@ def plot_curves(metrics_path: Path, png: Path, baseline: float | None = None, ti
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title(title or "herd pre-training")
     ax.grid(alpha=0.3)
-    ax.legend()
+    handles, labels = ax.get_legend_handles_labels()
+    acc = [(r["step"], r["digit_acc"]) for r in rows if "digit_acc" in r]
+    if acc:  # held-out digit images named correctly, on its own axis (chance = 0.1)
+        ax2 = ax.twinx()
+        line, = ax2.plot(*zip(*acc), "s-", color="#2ca02c", alpha=0.8, label="digit accuracy (right)")
+        ax2.axhline(0.1, ls=":", color="#2ca02c", alpha=0.6)
+        ax2.set_ylim(0, 1)
+        ax2.set_ylabel("digit accuracy (chance 0.1)")
+        handles.append(line)
+        labels.append(line.get_label())
+    ax.legend(handles, labels, loc="upper right")
     fig.tight_layout()
     tmp = png.with_name(png.name + ".tmp.png")
     fig.savefig(tmp)
@@ -270,8 +274,9 @@ def train(cfg: TrainConfig) -> dict:
     for g in groups:
         g["params"] = [by_name.get(names[id(p)], p) for p in g["params"]]
     opt_groups = [{k: v for k, v in g.items() if k != "names"} for g in groups]
+    # fused AdamW: one kernel per step (3× faster than foreach on CPU); sharded FSDP2 parameters keep foreach
     optimizer = torch.optim.AdamW(opt_groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
-                                  eps=1e-8, foreach=True)
+                                  eps=1e-8, **({"foreach": True} if env.distributed else {"fused": True}))
 
     # data
     train_data, val_data = build_data(cfg, tokenizer, model_config, env)
@@ -299,11 +304,9 @@ def train(cfg: TrainConfig) -> dict:
                 print(f"--resume: no checkpoint under {out}/checkpoints, starting from scratch")
         else:
             state = checkpoint.load_trainer_state(ckpt)
-            from herd.model.weights import read_safetensors
+            from herd.model.weights import read_model_tensors
 
-            weights = {k: v.clone() for k, v in read_safetensors(ckpt / "model.safetensors").items()}
-            if not model_config.is_multimodal:
-                weights = {"language_model." + k: v for k, v in weights.items()}
+            weights = {k: v.clone() for k, v in read_model_tensors(ckpt, model_config.is_multimodal).items()}
             distributed.load_full_model_state(model, weights, env)
             distributed.load_full_optimizer_state(model, optimizer, state["optimizer"], env)
             for moe, bias in zip(balance.moe_modules(base_model), state["expert_bias"]):
@@ -351,8 +354,7 @@ def train(cfg: TrainConfig) -> dict:
         global_tokens = round(distributed.mean_across_ranks(local_tokens, env) * env.world)
         loss_sum = 0.0
         for b in batches:
-            logits = forward(model, b, cfg, device, tokenizer.bos_id)
-            loss = token_loss_sum(logits, b.labels.to(device))
+            loss = forward(model, b, cfg, device, tokenizer.bos_id, labels=b.labels.to(device))
             # gradients are averaged over ranks; scale so the total is the global per-token mean
             scaled = loss * (env.world / max(global_tokens, 1))
             if cfg.balance == "aux":

@@ -88,6 +88,21 @@ def test_resume_is_bit_exact(tmp_path, shared):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+
+def test_resume_from_a_sharded_checkpoint(tmp_path, shared, monkeypatch):
+    """Checkpoints past the shard size are written as indexed shards; resume reads them all."""
+    from herd.train import checkpoint
+
+    full = tmp_path / "full"
+    run(full, shared, max_steps=4, ckpt_every=2, eval_every=100)
+    monkeypatch.setattr(checkpoint, "MAX_SHARD_BYTES", 4 << 20)  # the tiny model is ~50 MB in fp32
+    part = tmp_path / "part"
+    run(part, shared, max_steps=4, ckpt_every=2, eval_every=100, stop_after=2)
+    ckpt = part / "checkpoints" / "step_000002"
+    assert (ckpt / "model.safetensors.index.json").exists() and len(list(ckpt.glob("model-*.safetensors"))) > 3
+    run(part, shared, max_steps=4, ckpt_every=2, eval_every=100, resume=True)
+    assert [r["loss"] for r in metrics(full)] == [r["loss"] for r in metrics(part)]
+
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
 def test_fp8_run_tracks_bf16(tmp_path, shared, recipe):
     run(tmp_path / "bf16", shared, max_steps=4, eval_every=100, ckpt_every=100)
