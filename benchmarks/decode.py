@@ -14,11 +14,16 @@ Measured (best of --repeat where repeated):
   * transformers (bf16, same weights) prefill and decode at batch 1 (a greedy loop over its KV
     cache), printed as herd ÷ transformers.
 Medians, not means: on a shared machine other processes stall some steps.
-llama.cpp's figures from FACTS (same model kind, 2 threads) are printed as the targets.
+llama.cpp's figures from FACTS (same model, 2 threads, another machine: AMD EPYC) are printed as the
+targets; scripts/llamacpp_side_by_side.sh measures llama.cpp on this machine.
 
     python benchmarks/decode.py                 # full run (~3-5 min on 2 cores)
     python benchmarks/decode.py --quick         # a small model and short runs: checks the script works
     python benchmarks/decode.py --int4 --kv int8 --no-transformers
+    python benchmarks/decode.py --int4 --int8-act --compile   # + int8 activations, + the compiled step
+
+Batch-1 decode runs herd.inference.single (the hoisted one-token step); the row "(general path)"
+is the same model through the general forward, measured in the same run.
 """
 
 from __future__ import annotations
@@ -78,6 +83,15 @@ def median(xs: list[float]) -> float:
     return xs[len(xs) // 2]
 
 
+def general_path(model, prompts, new, kv=None) -> float:
+    """herd_decode at batch 1 with the batch-1 step switched off (the general forward)."""
+    single, model._single_decoder = model._single_decoder, None
+    try:
+        return herd_decode(model, prompts, new, kv)
+    finally:
+        model._single_decoder = single
+
+
 def herd_decode(model, prompts: list[list[int]], new: int, kv=None) -> float:
     """Decode tokens/s with all len(prompts) rows running (herd.Engine, greedy sampling included):
     rows ÷ the median time of the steps taken while every row is decoding."""
@@ -133,6 +147,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--int4", action="store_true", help="also measure int4 weights (group 64)")
     ap.add_argument("--kv", choices=("auto", "int8"), default="auto", help="KV cache of the global layers")
+    ap.add_argument("--int8-act", action="store_true", help="also int8 weights with int8 activations (fbgemm)")
+    ap.add_argument("--compile", action="store_true", help="also bf16 with the torch.compile'd batch-1 step")
+    ap.add_argument("--no-general", action="store_true", help="skip the general-path rows at batch 1")
     ap.add_argument("--no-transformers", action="store_true")
     args = ap.parse_args()
     if args.quick:
@@ -160,11 +177,13 @@ def main() -> None:
         print(f"transformers bf16: prefill {hf[0]:.0f} tok/s, decode {hf[1]:.1f} tok/s "
               f"({time.perf_counter() - t:.0f}s)")
 
-    variants = [("bf16", None)] + [("int8", 8)] + ([("int4", 4)] if args.int4 else [])
+    variants = ([("bf16", None, None)] + [("int8", 8, None)]
+                + ([("int8, int8 activations", 8, "int8")] if args.int8_act else [])
+                + ([("int4", 4, None)] if args.int4 else []))
     rows = []
-    for name, bits in variants:
+    for name, bits, act in variants:
         model = herd.build_model(cfg, dtype=torch.bfloat16, seed=0).eval()
-        model = quantize_model(model, bits=bits) if bits else optimize_for_inference(model)
+        model = quantize_model(model, bits=bits, activations=act) if bits else optimize_for_inference(model)
         gc.collect()
         pre = herd_prefill(model, ids, args.repeat, 512)
         dec = herd_decode(model, [ids[0].tolist()], args.new, kv)
@@ -173,6 +192,21 @@ def main() -> None:
                     + ([f"{pre / hf[0]:.1f}× / {dec / hf[1]:.1f}×"] if hf else []))
         print(f"herd {name}: prefill {pre:.0f} tok/s, decode {dec:.1f} tok/s, batched {[round(b) for b in batched]} "
               f"(load {load()})", flush=True)
+        if not args.no_general:
+            gen = general_path(model, [ids[0].tolist()], args.new, kv)
+            rows.append([f"herd {name} (general path)", "", f"{gen:.1f}"] + ["–"] * len(args.batches)
+                        + ([f"– / {gen / hf[1]:.1f}×"] if hf else []))
+            print(f"herd {name}, general path: decode {gen:.1f} tok/s (load {load()})", flush=True)
+        if args.compile and bits is None:
+            t = time.perf_counter()
+            model = optimize_for_inference(model, compile=True)
+            herd_decode(model, [ids[0, :64].tolist()], 4, kv)  # compiles
+            took = time.perf_counter() - t
+            dec = herd_decode(model, [ids[0].tolist()], args.new, kv)
+            rows.append([f"herd {name}, compiled step", "", f"{dec:.1f}"] + ["–"] * len(args.batches)
+                        + ([f"– / {dec / hf[1]:.1f}×"] if hf else []))
+            print(f"herd {name}, compiled step: decode {dec:.1f} tok/s, compile {took:.0f}s (load {load()})",
+                  flush=True)
         del model
         gc.collect()
     header = (["engine", f"prefill {args.prompt} (tok/s)", "decode B=1 (tok/s)"]
@@ -180,9 +214,10 @@ def main() -> None:
               + (["vs transformers (prefill / decode)"] if hf else []))
     if hf:
         rows.append(["transformers bf16", f"{hf[0]:.0f}", f"{hf[1]:.1f}"] + ["–"] * len(args.batches) + ["1×"])
-    rows.append(["llama.cpp BF16 (FACTS)", LLAMA_CPP["prefill"], LLAMA_CPP["bf16"]] + ["–"] * len(args.batches)
+    other = "(FACTS: AMD EPYC, not this machine)"
+    rows.append([f"llama.cpp BF16 {other}", LLAMA_CPP["prefill"], LLAMA_CPP["bf16"]] + ["–"] * len(args.batches)
                 + ([""] if hf else []))
-    rows.append(["llama.cpp Q8_0 (FACTS)", "–", LLAMA_CPP["int8"]] + ["–"] * len(args.batches)
+    rows.append([f"llama.cpp Q8_0 {other}", "–", LLAMA_CPP["int8"]] + ["–"] * len(args.batches)
                 + ([""] if hf else []))
     print()
     print(markdown_table(header, rows))

@@ -138,6 +138,11 @@ class KVCache:
         return self
 
     @property
+    def selected_rows(self) -> int:
+        """How many rows the next forward covers (see select)."""
+        return self._rows
+
+    @property
     def next_position(self) -> int | torch.Tensor:
         """Next position of the selected rows: an int when they agree, else a LongTensor [rows]."""
         lens = self.lengths[self._row0:self._row0 + self._rows]

@@ -87,8 +87,12 @@ def forward_step(model, ids: torch.Tensor, cache: KVCache, image_features: torch
     """ids [B, T] continuing the cache's selected rows → logits of each row's last position [B, vocab].
 
     Llama4.forward without its input checks (the engine validated the prompt; sampled ids are in
-    range), and the LM head on the last position only.
+    range), and the LM head on the last position only. One token of one row runs the batch-1 step
+    of herd.inference.single when the model has been through optimize_for_inference.
     """
+    single = getattr(model, "_single_decoder", None)  # set by optimize_for_inference
+    if single is not None and ids.shape == (1, 1) and image_features is None and cache.selected_rows == 1:
+        return single(ids, cache)  # decode at batch 1: herd.inference.single
     T = ids.shape[1]
     start = cache.next_position
     if isinstance(start, torch.Tensor):

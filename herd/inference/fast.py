@@ -11,6 +11,8 @@
   * q/k/v projections → one product (FastAttention.qkv), and gate/up of every SwiGLU (shared
     expert, dense MLP) → one product (FastSwiGLU): fewer, larger matrix-vector products.
 Quantized models (herd.inference.quant) plug int8/int4 kernels into the same two containers.
+With top-1 routing the model also gets the batch-1 decode step of herd.inference.single, which
+engine.forward_step uses for one token of one sequence.
 
 The result is for inference only (no gradients). Weights are shared, not copied.
 """
@@ -190,9 +192,10 @@ def _swap_linears(module: nn.Module, make, skip=()) -> None:
 
 
 @torch.no_grad()
-def optimize_for_inference(model, pack: bool = True):
+def optimize_for_inference(model, pack: bool = True, compile: bool = False):
     """Swap in the fast kernels (in place) and return the model; see the module docstring.
-    pack: keep a oneDNN-prepacked copy of bf16 weights for multi-row products (prefill)."""
+    pack: keep a oneDNN-prepacked copy of bf16 weights for multi-row products (prefill).
+    compile: torch.compile the batch-1 decode step's per-layer maths (herd.inference.single)."""
     model.eval()
     lm = model.language_model
     for layer in lm.model.layers:
@@ -217,4 +220,9 @@ def optimize_for_inference(model, pack: bool = True):
     _swap_linears(lm, lambda lin: FastLinear.from_linear(lin, pack))
     for p in model.parameters():
         p.requires_grad_(False)
+    model._single_decoder = None
+    if all(ff.top_k == 1 for ff in model.moe_layers()):
+        from herd.inference.single import SingleDecoder
+
+        model._single_decoder = SingleDecoder(model, compile=compile)  # decode at batch 1 (engine.forward_step)
     return model

@@ -2,12 +2,14 @@
 
     qmodel = quantize_model(model, bits=8)          # in place; returns the model
     save_quantized(qmodel, "out_dir")                # safetensors + config.json "quantization_config"
-    qmodel = load_quantized("out_dir")               # what `herd generate out_dir` loads
+    qmodel = load_quantized("out_dir")               # what `herd generate out_dir` and herd.load_model load
+    qmodel = quantize_model(model, bits=8, activations="int8")   # decode also quantizes activations
 
 What is quantized: every nn.Linear of the text decoder except the MoE routers (tiny, and routing
 decisions should not move), the LM head, and the routed experts (each expert's [out, in] matrix
 separately, per output channel). Embeddings, norms, the vision tower and the projector keep the
-compute dtype. Activations stay in the compute dtype (bf16 or fp32): products dequantize on the
+compute dtype. Activations stay in the compute dtype (bf16 or fp32) unless int8 activations are
+asked for (Int8Kernel.set_activations; decode-sized products only): products dequantize on the
 fly — `aten._weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` for a few rows (decode, where
 reading half or a quarter of the bytes is what makes it faster), and for many rows (prefill,
 large batches) blocks of ~4 MiB of dequantized rows, each used by one GEMM while in cache.
@@ -16,16 +18,19 @@ int8: w ≈ q · s, q ∈ [-127, 127], one scale per output channel.
 int4: w ≈ (q − 8) · s + z per group of `group_size` inputs, q ∈ [0, 15] (the layout torch's CPU
 int4 kernel takes); stored two per byte, low nibble first.
 
-Measured on this project's 2-core machine (Xeon, AVX-512/AMX, ~20 GB/s reads), decode at batch 1
-of a 123M-active model: int8 runs at about the speed of bf16 — torch's int8 kernel streams int8
-weights at only 6–10 GB/s, against 12–17 GB/s of bf16 for torch.mv — so int8 halves the weight
-memory but does not speed decode up; int4 is ~1.6× faster than bf16 (see benchmarks/decode.py).
+Measured on this project's 2-core machine (Xeon, AVX-512/AMX/VNNI, ~20 GB/s reads), decode at
+batch 1 of a 123M-active model: weight-only int8 runs at about the speed of bf16 — torch's int8
+kernel converts every weight to float and is compute-bound (6–10 GB/s of int8, against 12–17 GB/s
+of bf16 for torch.mv) — so it halves the weight memory but does not speed decode up. With int8
+activations (`activations="int8"`, fbgemm's dynamic linear on int8 dot-product instructions) the
+same weights stream 2–3× faster; int4 is ~1.6× faster than bf16 (see benchmarks/decode.py).
 
 On disk (checkpoint layout of herd.save_model, plus):
   <linear>.qweight int8 [out, in] | uint8 [out, in/2]   <linear>.scales [out] | [out, in/g]
   <linear>.zeros [out, in/g] (int4)                    <linear>.bias (if any)
   <experts>.gate_up_qweight [E, 2I, H(/2)] …           <experts>.down_qweight [E, H, I(/2)] …
-and config.json gets "quantization_config": {"quant_method": "herd", "bits", "group_size", "modules"}.
+and config.json gets "quantization_config": {"quant_method": "herd", "bits", "group_size", "modules",
+"activations" (null: weight-only; "int8": decode quantizes activations per row, see Int8Kernel)}.
 """
 
 from __future__ import annotations
@@ -95,12 +100,49 @@ def blocked_linear(x2: torch.Tensor, kernel) -> torch.Tensor:
     return y
 
 
+def _vnni() -> bool:
+    """Does this CPU have VNNI (int8 dot products without int16 saturation)?"""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+REDUCE_RANGE = not _vnni()  # 7-bit activations where u8×s8 pairs could saturate int16 (no VNNI)
+
+
+def int8_activations_available() -> bool:
+    """fbgemm's dynamic int8 linear (activations quantized per row on the fly) is in this torch."""
+    return (hasattr(torch.ops.quantized, "linear_dynamic") and torch.backends.quantized.engine in ("x86", "fbgemm"))
+
+
 class Int8Kernel:
-    """y = x @ (q · s).T for int8 q [out, in] and scales [out] (in the compute dtype)."""
+    """y = x @ (q · s).T for int8 q [out, in] and scales [out] (in the compute dtype).
+
+    With int8 activations (set_activations(True)), few rows run as fbgemm's dynamic int8 linear:
+    each row of x is quantized to 8 bits with its own scale (as llama.cpp's Q8_0 quantizes
+    activations, per row here instead of per 32 values) and the product runs on int8 dot-product
+    instructions — 2–3× faster than the weight-only kernel on this machine, at ~0.5% extra error
+    per product on well-behaved activations (rows with large outliers lose more).
+    """
+
+    packed = None  # fbgemm-packed copy of the weight (int8 activations), or None
 
     def __init__(self, q: torch.Tensor, s: torch.Tensor):
         self.q, self.s = q, s
         self.out_features, self.in_features = q.shape
+
+    def set_activations(self, int8: bool) -> None:
+        self.packed = None
+        if int8:
+            import warnings
+
+            with warnings.catch_warnings():  # quantized tensors are marked deprecated; the kernel is not
+                warnings.simplefilter("ignore")
+                qw = torch._make_per_channel_quantized_tensor(
+                    self.q, self.s.double(), torch.zeros(self.out_features, dtype=torch.long), 0)
+                self.packed = torch.ops.quantized.linear_prepack(qw, None)
 
     def dequantize(self, a: int = 0, b: int | None = None) -> torch.Tensor:
         """Output rows a … b-1 of the weight in the compute dtype."""
@@ -109,7 +151,9 @@ class Int8Kernel:
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] <= SMALL_M:
+        if x2.shape[0] <= SMALL_M and self.packed is not None:
+            y = torch.ops.quantized.linear_dynamic(x2.float(), self.packed, REDUCE_RANGE).to(x.dtype)
+        elif x2.shape[0] <= SMALL_M:
             y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.q, self.s)
         else:
             y = blocked_linear(x2, self)
@@ -275,10 +319,31 @@ def _check_bits(model, bits: int, group_size: int) -> None:
                 raise ValueError(f"int4 with group_size {group_size} needs {name} ({k}) divisible by it")
 
 
+def set_int8_activations(model, on: bool = True):
+    """Switch the int8 kernels of a quantized model to int8 activations at decode (see Int8Kernel)
+    or back to weight-only; recorded in model.quantization_config["activations"]."""
+    if on and not int8_activations_available():
+        raise ValueError("int8 activations need torch's fbgemm dynamic linear (x86 CPU builds)")
+    for m in model.modules():
+        kernels = [m.kernel] if isinstance(m, QuantLinear) else (
+            m.gate_up + m.down if isinstance(m, QuantExperts) else [])
+        for k in kernels:
+            if isinstance(k, Int8Kernel):
+                k.set_activations(on)
+    if getattr(model, "quantization_config", None) is not None:
+        model.quantization_config["activations"] = "int8" if on else None
+    return model
+
+
 @torch.no_grad()
-def quantize_model(model, bits: int = 8, group_size: int = 64):
-    """Quantize the model's linear and expert weights in place (see the module docstring)."""
+def quantize_model(model, bits: int = 8, group_size: int = 64, activations: str | None = None):
+    """Quantize the model's linear and expert weights in place (see the module docstring).
+    activations="int8" (bits 8 only): decode products quantize activations too (Int8Kernel)."""
     _check_bits(model, bits, group_size)
+    if activations not in (None, "int8") or (activations and bits != 8):
+        raise ValueError(f"activations must be None or 'int8' (with bits=8), got {activations!r}")
+    if getattr(model, "quantization_config", None) is not None:
+        raise ValueError(f"the model is already quantized ({model.quantization_config})")
     dtype = model.dtype
     for parent, name, mod in _targets(model):
         if isinstance(mod, (QuantLinear, QuantExperts)):
@@ -295,7 +360,8 @@ def quantize_model(model, bits: int = 8, group_size: int = 64):
                                  "modules": ["attention", "mlp", "experts", "lm_head"]}
     from herd.inference.fast import optimize_for_inference
 
-    return optimize_for_inference(model)  # the remaining Linears (routers) and the MoE fast path
+    model = optimize_for_inference(model)  # the remaining Linears (routers) and the MoE fast path
+    return set_int8_activations(model) if activations else model
 
 
 def _ckpt_key(name: str, multimodal: bool) -> str:
@@ -415,4 +481,5 @@ def load_quantized(path, dtype: torch.dtype | None = None):
     model.quantization_config = qc
     from herd.inference.fast import optimize_for_inference
 
-    return optimize_for_inference(model.eval())
+    model = optimize_for_inference(model.eval())
+    return set_int8_activations(model) if qc.get("activations") == "int8" else model
