@@ -73,6 +73,24 @@ def _user_content(text: str, images: list[str]):
     return [{"type": "image", "image": p} for p in images] + [{"type": "text", "text": text}]
 
 
+def _raw_prompt(tok, text: str, images: list[str] | None, vision_config):
+    """<|begin_of_text|>, each image's placeholder (as pre-training places images), then the text.
+    → (ids, tiles [n_tiles, 3, S, S] or None)."""
+    import torch
+
+    from herd.chat import image_tokens
+    from herd.image import VisionSettings, preprocess_image
+
+    ids = tok.encode("", bos=True)
+    tiles = []
+    for path in images or []:
+        img = preprocess_image(path, vision_config)
+        ids += image_tokens(tok, img.grid, VisionSettings.from_config(vision_config).tokens_per_tile)
+        tiles.append(img.tiles)
+    ids += tok.encode(text, bos=False)
+    return ids, (torch.cat(tiles) if tiles else None)
+
+
 # ----- generate ----------------------------------------------------------------------------------------
 def _cmd_generate(args) -> int:
     from herd.inference.engine import Engine
@@ -88,15 +106,13 @@ def _cmd_generate(args) -> int:
         ids = [int(t) for t in args.prompt_ids.replace(",", " ").split()]
     else:
         tok = require_tokenizer(tok, args.model)
+        if args.image and model.config.vision is None:
+            raise ValueError(f"{args.model} is a text-only model; it cannot take --image")
         if args.raw:
-            if args.image:
-                raise ValueError("--image needs the chat format (drop --raw)")
-            ids = tok.encode(args.prompt, bos=True)
+            ids, images = _raw_prompt(tok, args.prompt, args.image, model.config.vision)
         else:
             from herd.chat import encode_messages
 
-            if args.image and model.config.vision is None:
-                raise ValueError(f"{args.model} is a text-only model; it cannot take --image")
             msgs = ([{"role": "system", "content": args.system}] if args.system else [])
             msgs.append({"role": "user", "content": _user_content(args.prompt, args.image)})
             ids, tiles = encode_messages(tok, msgs, vision_config=model.config.vision)
@@ -257,7 +273,7 @@ def add_inference_subcommands(subparsers) -> None:
     p.add_argument("--prompt-ids",
                    help="prompt as token ids, e.g. '1 2 3' (prints token ids unless a tokenizer is found)")
     p.add_argument("--image", action="append", default=[], metavar="PATH", help="attach an image (repeatable)")
-    p.add_argument("--raw", action="store_true", help="plain text completion instead of the chat format")
+    p.add_argument("--raw", action="store_true", help="plain completion instead of the chat format: <|begin_of_text|>, the --image placeholders, then the prompt (the pre-training layout)")
     p.add_argument("--json", action="store_true", help="print one JSON object (tokens, text, finish_reason)")
     p.add_argument("--verbose", "-v", action="store_true", help="print timing to stderr")
     p.set_defaults(func=_cmd_generate)

@@ -69,6 +69,26 @@ def test_generate_text_and_image(model_dir, capsys):
     assert capsys.readouterr().out.rstrip("\n") == out["text"]
 
 
+
+def test_generate_raw_places_the_image_as_pre_training_does(model_dir, capsys):
+    """--raw --image: <|begin_of_text|>, the image placeholder, then the text (no chat headers)."""
+    from herd.chat import image_tokens
+    from herd.image import VisionSettings, preprocess_image
+    from herd.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    argv = ["generate", str(model_dir), "--raw", "--prompt", "hello world", "--image", str(model_dir / "img.png"),
+            "--max-new-tokens", "6", "--dtype", "float32", "--json"]
+    assert run_cli(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    model = herd.load_model(model_dir)
+    img = preprocess_image(model_dir / "img.png", model.config.vision)
+    ids = (tok.encode("", bos=True) + image_tokens(tok, img.grid, VisionSettings.from_config(model.config.vision).tokens_per_tile)
+           + tok.encode("hello world", bos=False))
+    assert out["prompt_tokens"] == len(ids) and tok.decode(ids).count("<|header_start|>") == 0
+    want = herd.generate(model, ids, max_new_tokens=6, pixel_values=img.tiles, tokenizer=tok)[0]
+    assert out["tokens"] == want
+
 @pytest.mark.parametrize("bits", ["8", "4"])
 def test_quantize_then_generate(model_dir, tmp_path, capsys, bits):
     q = tmp_path / f"q{bits}"
