@@ -39,7 +39,6 @@ class MetaPConfig:
     base_batch_tokens: int | None = None  # set to scale LR with √(batch / base) (Adam rule)
     gain: float = 1.0
     embed_std: float = 1.0  # μP: input weights have fan_in 1 (one-hot), so σ = 1, constant in width
-    weight_decay: float = 0.1
 
 
 RESIDUAL_OUTPUTS = ("o_proj.weight", "down_proj.weight", "experts.down_proj", "fc2.weight")
@@ -140,6 +139,7 @@ def standard_init(model, generator: torch.Generator | None = None) -> None:
 
 
 def describe(groups: list[dict]) -> str:
+    """One line per AdamW group: LR multiplier, weight decay, tensors and parameters."""
     rows = [f"  lr×{g['lr_mult']:.3g}  wd {g['weight_decay']:.2g}  {len(g['params'])} tensors "
             f"({sum(p.numel() for p in g['params']):,} params)" for g in groups]
     return "\n".join(rows)

@@ -254,7 +254,7 @@ def train(cfg: TrainConfig) -> dict:
     with torch.device(device):
         model = Llama4(model_config)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    mp_cfg = metap.MetaPConfig(base_width=cfg.metap_base_width, weight_decay=cfg.weight_decay)
+    mp_cfg = metap.MetaPConfig(base_width=cfg.metap_base_width)
     if cfg.metap:
         metap.init_metap(model, mp_cfg, generator=gen)
     else:
@@ -266,6 +266,9 @@ def train(cfg: TrainConfig) -> dict:
         if env.is_main:
             print(f"FP8 ({cfg.fp8}): {n} linear/expert modules converted")
     groups = metap.param_groups(model, cfg.lr, cfg.weight_decay, mp_cfg, enabled=cfg.metap)
+    if env.is_main and cfg.progress:
+        print(f"AdamW parameter groups ({'MetaP' if cfg.metap else 'standard: MetaP off'}, lr {cfg.lr:g}):\n"
+              + metap.describe(groups))
     names = {id(p): n for g in groups for p, n in zip(g["params"], g["names"])}
     base_model = model
     model = distributed.wrap(model, env, cfg.parallel)
