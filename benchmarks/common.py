@@ -45,6 +45,11 @@ def matmul_ceiling(dtype: torch.dtype, n: int = 2048) -> float:
     return 2 * n**3 / t / 1e9
 
 
+def load_average() -> str:
+    """The 1, 5 and 15-minute load averages, printed beside every timing (a busy machine skews them)."""
+    return "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:

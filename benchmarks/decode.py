@@ -34,7 +34,7 @@ import tempfile
 import time
 
 import torch
-from common import machine, markdown_table, quiet_transformers, setup_threads
+from common import load_average, machine, markdown_table, quiet_transformers, setup_threads
 
 import herd
 from herd.config import ModelConfig, TextConfig
@@ -57,10 +57,6 @@ def model_config(quick: bool) -> ModelConfig:
                         num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2, head_dim=128,
                         num_local_experts=16, num_experts_per_tok=1, bos_token_id=0, eos_token_id=1)
     return ModelConfig(text=tc)
-
-
-def load() -> str:
-    return open("/proc/loadavg").read().split()[0]
 
 
 def herd_prefill(model, ids: torch.Tensor, repeat: int, chunk: int | None) -> float:
@@ -156,7 +152,7 @@ def main() -> None:
         args.prompt, args.new, args.batches, args.repeat, args.batch_prompt = 64, 16, [4], 1, 32
     setup_threads()
     kv = None if args.kv == "auto" else args.kv
-    print(f"# decode benchmark — {machine()}; load average at start {load()}")
+    print(f"# decode benchmark — {machine()}; load average at start {load_average().split()[0]}")
     cfg = model_config(args.quick)
     t = time.perf_counter()
     base = herd.build_model(cfg, dtype=torch.bfloat16, seed=0).eval()
@@ -191,12 +187,12 @@ def main() -> None:
         rows.append([f"herd {name}", f"{pre:.0f}", f"{dec:.1f}"] + [f"{b:.0f}" for b in batched]
                     + ([f"{pre / hf[0]:.1f}× / {dec / hf[1]:.1f}×"] if hf else []))
         print(f"herd {name}: prefill {pre:.0f} tok/s, decode {dec:.1f} tok/s, batched {[round(b) for b in batched]} "
-              f"(load {load()})", flush=True)
+              f"(load {load_average().split()[0]})", flush=True)
         if not args.no_general:
             gen = general_path(model, [ids[0].tolist()], args.new, kv)
             rows.append([f"herd {name} (general path)", "", f"{gen:.1f}"] + ["–"] * len(args.batches)
                         + ([f"– / {gen / hf[1]:.1f}×"] if hf else []))
-            print(f"herd {name}, general path: decode {gen:.1f} tok/s (load {load()})", flush=True)
+            print(f"herd {name}, general path: decode {gen:.1f} tok/s (load {load_average().split()[0]})", flush=True)
         if args.compile and bits is None:
             t = time.perf_counter()
             model = optimize_for_inference(model, compile=True)
@@ -205,7 +201,7 @@ def main() -> None:
             dec = herd_decode(model, [ids[0].tolist()], args.new, kv)
             rows.append([f"herd {name}, compiled step", "", f"{dec:.1f}"] + ["–"] * len(args.batches)
                         + ([f"– / {dec / hf[1]:.1f}×"] if hf else []))
-            print(f"herd {name}, compiled step: decode {dec:.1f} tok/s, compile {took:.0f}s (load {load()})",
+            print(f"herd {name}, compiled step: decode {dec:.1f} tok/s, compile {took:.0f}s (load {load_average().split()[0]})",
                   flush=True)
         del model
         gc.collect()
@@ -221,7 +217,7 @@ def main() -> None:
                 + ([""] if hf else []))
     print()
     print(markdown_table(header, rows))
-    print(f"\nload average at end {load()} (other processes on the machine make every number lower)")
+    print(f"\nload average at end {load_average().split()[0]} (other processes on the machine make every number lower)")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from common import machine, markdown_table, matmul_ceiling, quiet_transformers, setup_threads
+from common import load_average, machine, markdown_table, matmul_ceiling, quiet_transformers, setup_threads
 
 import herd
 from herd.params import count_params
@@ -117,7 +117,7 @@ def main() -> None:
     setup_threads()
     transformers = quiet_transformers()
     print(f"machine: {machine()}")
-    print("load average at start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
+    print(f"load average at start: {load_average()}")
     if os.getloadavg()[0] > (os.cpu_count() or 1):
         print("warning: the machine is busier than its cores; threads that wait on each other make the "
               "figures unreliable (HERD_THREADS=1 is steadier on a shared machine)")
@@ -127,7 +127,7 @@ def main() -> None:
     rows = []
     for name in args.presets:
         rows += run_preset(name, transformers, ceilings, args.repeat, args.shape)
-    print("load average at end: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
+    print(f"load average at end: {load_average()}")
     print()
     print("training step (fwd + bwd + AdamW), text models; small runs a smaller batch than tiny so that "
           "transformers finishes in reasonable time")

@@ -14,7 +14,8 @@ import sys
 import time
 
 
-def _weights(text: str) -> dict:
+def parse_weights(text: str) -> dict:
+    """'shakespeare=0.3,digits=0.2' → {'shakespeare': 0.3, 'digits': 0.2} (argparse type)."""
     out = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, sep, value = part.partition("=")
@@ -125,7 +126,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--val-fraction", type=float, default=0.05)
     p.add_argument("--max-docs", type=int, default=None, help="only the first N documents of each source")
-    p.add_argument("--weights", type=_weights, default=None, help="e.g. shakespeare=0.3,python=0.5,digits=0.2")
+    p.add_argument("--weights", type=parse_weights, default=None, help="e.g. shakespeare=0.3,python=0.5,digits=0.2")
     p.add_argument("--seed", type=int, default=0)
 
 

@@ -81,11 +81,12 @@ def _raw_prompt(tok, text: str, images: list[str] | None, vision_config):
     from herd.chat import image_tokens
     from herd.image import VisionSettings, preprocess_image
 
+    settings = VisionSettings.from_config(vision_config)
     ids = tok.encode("", bos=True)
     tiles = []
     for path in images or []:
-        img = preprocess_image(path, vision_config)
-        ids += image_tokens(tok, img.grid, VisionSettings.from_config(vision_config).tokens_per_tile)
+        img = preprocess_image(path, settings)
+        ids += image_tokens(tok, img.grid, settings.tokens_per_tile)
         tiles.append(img.tiles)
     ids += tok.encode(text, bos=False)
     return ids, (torch.cat(tiles) if tiles else None)

@@ -205,12 +205,12 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
         if cache is not None:
             out = cache.attend(self.layer, q, k, v, positions, chunk=self.chunk)
-        elif doc_ids is not None:
+        elif doc_ids is not None or self.chunk is not None:
             start = int(positions.reshape(-1)[0]) if positions.numel() else 0
-            out = document_causal_attention(q, k, v, doc_ids, self.chunk, start)
-        elif self.chunk is not None:
-            start = int(positions.reshape(-1)[0]) if positions.numel() else 0
-            out = chunked_causal_attention(q, k, v, self.chunk, start)
+            if doc_ids is not None:
+                out = document_causal_attention(q, k, v, doc_ids, self.chunk, start)
+            else:
+                out = chunked_causal_attention(q, k, v, self.chunk, start)
         else:
             out = causal_attention(q, k, v)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))

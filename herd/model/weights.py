@@ -238,9 +238,7 @@ def load_model(name_or_dir: str | os.PathLike, dtype: torch.dtype = torch.float3
         for p in pickles:
             tensors.update(torch.load(p, map_location="cpu", weights_only=True, mmap=True))
     else:
-        tensors = {}
-        for f in files:
-            tensors.update(read_safetensors(f))
+        tensors = read_model_tensors(d, config.is_multimodal)
     with torch.device("meta"):
         model = Llama4(config)
     load_state(model, tensors, dtype, str(d))

@@ -6,6 +6,7 @@ import argparse
 
 
 def add_train_subcommand(subparsers) -> None:
+    from herd.data.cli import parse_weights
     from herd.train.trainer import TrainConfig
 
     d = TrainConfig()
@@ -58,22 +59,15 @@ def add_train_subcommand(subparsers) -> None:
     p.add_argument("--keep", type=int, default=d.keep, help="checkpoints to keep")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--tokenizer", default=None, help="directory with tokenizer.json (trained into --out if absent)")
-    p.add_argument("--mixture", type=_weights, default=None,
-                   help="data mixture as token shares, e.g. shakespeare=0.25,bible=0.2,python=0.3,docs=0.1,digits=0.15")
+    p.add_argument("--mixture", type=parse_weights, default=None,
+                   help="data mixture as token shares, e.g. shakespeare=0.3,python=0.4,digits=0.3"
+                        "; unset (None): herd.data.DEFAULT_WEIGHTS")
     p.add_argument("--data-cache", default=None, help="tokenised-data cache directory (default OUT/data_cache)")
     p.add_argument("--max-docs", type=int, default=None, help="use only the first N documents per data source")
     p.add_argument("--parallel", choices=["fsdp", "ddp"], default=d.parallel)
     p.add_argument("--threads", type=int, default=None, help="torch threads per process")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=_run)
-
-
-def _weights(text: str) -> dict:
-    try:
-        pairs = [item.split("=") for item in text.split(",") if item]
-        return {k.strip(): float(v) for k, v in pairs}
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected name=weight,name=weight..., got {text!r}") from None
 
 
 def _run(args) -> int:
