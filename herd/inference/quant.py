@@ -35,6 +35,7 @@ and config.json gets "quantization_config": {"quant_method": "herd", "bits", "gr
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -120,18 +121,23 @@ def int8_activations_available() -> bool:
 class Int8Kernel:
     """y = x @ (q · s).T for int8 q [out, in] and scales [out] (in the compute dtype).
 
-    With int8 activations (set_activations(True)), few rows run as fbgemm's dynamic int8 linear:
-    each row of x is quantized to 8 bits with its own scale (as llama.cpp's Q8_0 quantizes
-    activations, per row here instead of per 32 values) and the product runs on int8 dot-product
-    instructions — 2–3× faster than the weight-only kernel on this machine, at ~0.5% extra error
-    per product on well-behaved activations (rows with large outliers lose more).
+    One row (decode at batch 1) runs on herd's native kernels where they load
+    (herd.inference.native, K % 64 == 0): weight-only, int8 rows widened to float32 against the
+    exact activations (w8a16); with int8 activations, the row quantized per block of 64 values and
+    multiplied on VNNI int8 dot-product instructions (w8a8, the scheme of llama.cpp's Q8_0, which
+    uses blocks of 32). Both stream the int8 weight at 18–26 GB/s here where torch's kernels manage
+    9–13. Without them, one row and small batches (≤ SMALL_M rows) run on torch's
+    `_weight_int8pack_mm` (weight-only) or fbgemm's dynamic int8 linear (int8 activations, per-row
+    scales); int8 activations add ~0.5% error per product on well-behaved activations.
     """
 
-    packed = None  # fbgemm-packed copy of the weight (int8 activations), or None
+    packed = None  # fbgemm-packed copy of the weight (int8 activations, batches), or None
 
     def __init__(self, q: torch.Tensor, s: torch.Tensor):
         self.q, self.s = q, s
+        self.s32 = s.float()  # what the native kernels take
         self.out_features, self.in_features = q.shape
+        self.matvec = self._matvec()
 
     def set_activations(self, int8: bool) -> None:
         self.packed = None
@@ -143,6 +149,16 @@ class Int8Kernel:
                 qw = torch._make_per_channel_quantized_tensor(
                     self.q, self.s.double(), torch.zeros(self.out_features, dtype=torch.long), 0)
                 self.packed = torch.ops.quantized.linear_prepack(qw, None)
+        self.matvec = self._matvec()
+
+    def _matvec(self):
+        """x [in] → [out] for one row: a native kernel, else this kernel's general call."""
+        from herd.inference import native
+
+        if native.supports(self.q):
+            op = native.w8a8_gemv if self.packed is not None else native.w8a16_gemv
+            return functools.partial(op, self.q, self.s32)
+        return lambda x: self(x[None])[0]
 
     def dequantize(self, a: int = 0, b: int | None = None) -> torch.Tensor:
         """Output rows a … b-1 of the weight in the compute dtype."""
@@ -151,7 +167,9 @@ class Int8Kernel:
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] <= SMALL_M and self.packed is not None:
+        if x2.shape[0] == 1 and isinstance(self.matvec, functools.partial):  # a native kernel
+            y = self.matvec(x2[0])[None]
+        elif x2.shape[0] <= SMALL_M and self.packed is not None:
             y = torch.ops.quantized.linear_dynamic(x2.float(), self.packed, REDUCE_RANGE).to(x.dtype)
         elif x2.shape[0] <= SMALL_M:
             y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.q, self.s)
@@ -178,6 +196,10 @@ class Int4Kernel:
         self.w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
         self.sz = torch.stack((scales.t(), zeros.t()), dim=-1).contiguous()  # [in/g, out, 2]
         self._packed, self._scales, self._zeros = packed, scales[:self.out_features], zeros[:self.out_features]
+
+    def matvec(self, x: torch.Tensor) -> torch.Tensor:
+        """One row: x [in] → [out]."""
+        return self(x[None])[0]
 
     def dequantize(self, a: int = 0, b: int | None = None) -> torch.Tensor:
         """Output rows a … b-1 of the weight in the compute dtype."""

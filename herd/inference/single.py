@@ -36,18 +36,15 @@ def _norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _lin(p, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [in] times a weight → [out]: p is a bf16/fp32 matrix [out, in] (torch.mv, which streams
-    weights fastest) or a kernel from herd.inference.fast / quant (int8, int4)."""
-    y = torch.mv(p, x) if isinstance(p, torch.Tensor) else p(x)
+    """x [in] times a weight → [out]: p is a kernel's matvec (herd.inference.fast / quant: the
+    native bf16 / int8 kernels where they load, else torch.mv or torch's int8/int4 kernels)."""
+    y = p(x)
     return y if bias is None else y + bias
 
 
 def _kernel_arg(k):
-    """What _lin takes for a FastLinear or a kernel: the dense weight itself, or the int8/int4 kernel."""
-    from herd.inference.fast import DenseKernel
-
-    k = getattr(k, "kernel", k)
-    return k.w if isinstance(k, DenseKernel) else k
+    """What _lin takes for a FastLinear or a kernel: its one-row product, x [in] → [out]."""
+    return getattr(k, "kernel", k).matvec
 
 
 def attention_in(h, ln_w, eps: float, qkv, qkv_b, rot, scale, n_heads: int, n_kv: int, rope: bool, qk_norm: bool,

@@ -1,0 +1,135 @@
+"""herd's optional native CPU kernels: int8 matrix-vector products for decode at batch 1 (gemv.cpp).
+
+Everything in herd runs without them; where they load, the int8 decode path streams weights at close
+to memory bandwidth instead of through torch's compute-bound int8 kernel (see gemv.cpp for the maths).
+
+    from herd.inference import native
+    if native.available():
+        y = native.w8a16_gemv(q, s, x)   # int8 q [N, K], float32 s [N], x [K] → [N] (x's dtype)
+        y = native.w8a8_gemv(q, s, x)    # the same with x quantized to int8 per block of 64
+    else:
+        print(native.why_unavailable())
+
+The C++ source is compiled on first use with the system's g++ (about 10 s) into
+~/.cache/herd/native/<hash of source, flags and torch version>/ (or $HERD_CACHE/native/…) and
+loaded into torch (torch.ops.herd_native). The build is written to a temporary name and renamed,
+so concurrent processes never load a half-written library. It needs an x86 CPU with AVX-512 (F, BW,
+VL) and VNNI, and a C++ compiler; HERD_NATIVE=0 turns it off (the portable torch kernels are used).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("gemv.cpp")
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
+COMPILE_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
+                 "-mavx512vnni", "-mfma"]
+BLOCK = 64  # K must be a multiple of this (one register of int8)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("HERD_CACHE") or Path.home() / ".cache" / "herd"
+    return Path(root) / "native"
+
+
+def _compile_command(out: Path) -> list[str]:
+    from torch.utils import cpp_extension
+
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    includes = [f"-I{p}" for p in cpp_extension.include_paths()]
+    libdir = os.path.join(os.path.dirname(torch.__file__), "lib")
+    return ([os.environ.get("CXX", "g++"), *COMPILE_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *includes,
+             str(SOURCE), "-o", str(out), f"-L{libdir}", f"-Wl,-rpath,{libdir}", "-lc10", "-ltorch_cpu"])
+
+
+def _build() -> Path:
+    """Compile gemv.cpp (once per source, flags and torch version) → the shared library's path."""
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(COMPILE_FLAGS).encode()
+                         + torch.__version__.encode()).hexdigest()[:16]
+    lib = _cache_dir() / key / "herd_native.so"
+    if lib.is_file():
+        return lib
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run(_compile_command(Path(tmp)), capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{done.stderr[-2000:]}")
+        os.replace(tmp, lib)  # atomic: another process sees the old state or the whole library
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return lib
+
+
+@functools.cache
+def _load() -> tuple[bool, str | None]:
+    """(loaded, why not) — tried once per process."""
+    if os.environ.get("HERD_NATIVE", "1") == "0":
+        return False, "turned off by HERD_NATIVE=0"
+    missing = [f for f in CPU_FLAGS if f not in _cpu_flags()]
+    if missing:
+        return False, f"this CPU lacks {', '.join(missing)}"
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
+        return False, "no C++ compiler (g++) on PATH"
+    try:
+        torch.ops.load_library(str(_build()))
+    except (RuntimeError, OSError) as e:
+        return False, str(e)
+    return True, None
+
+
+def available() -> bool:
+    """True when the native kernels are compiled and loaded (compiles them on the first call)."""
+    return _load()[0]
+
+
+def why_unavailable() -> str | None:
+    """None when available(), else the reason, for messages and benchmark reports."""
+    return _load()[1]
+
+
+def supports(q: torch.Tensor) -> bool:
+    """Can the kernels take this int8 weight [N, K] (and are they loaded)?"""
+    return q.dim() == 2 and q.shape[1] % BLOCK == 0 and q.dtype == torch.int8 and available()
+
+
+def w8a16_gemv(q: torch.Tensor, s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """int8 q [N, K] · float32 scales s [N] times x [K] (float32/bf16) → y [N] in x's dtype;
+    float32 arithmetic, no rounding of x."""
+    return torch.ops.herd_native.w8a16_gemv(q, s, x)
+
+
+def w8a8_gemv(q: torch.Tensor, s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """As w8a16_gemv with x quantized to int8 per block of 64 values (symmetric, round to nearest)."""
+    return torch.ops.herd_native.w8a8_gemv(q, s, x)
+
+
+def bf16_available() -> bool:
+    """The bf16 kernel also needs AVX512-BF16 (vdpbf16ps)."""
+    return available() and "avx512_bf16" in _cpu_flags()
+
+
+def bf16_gemv(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """bf16 w [N, K] times bf16 x [K] → bf16 y [N], float32 accumulation (K % 64 == 0)."""
+    return torch.ops.herd_native.bf16_gemv(w, x)

@@ -1,0 +1,165 @@
+"""herd's native matrix-vector kernels (herd/inference/native) against float64 references.
+
+The kernels are optional; on this project's machines (x86 with AVX-512, VNNI, BF16 and g++) they
+must load, so a failure to build is a test failure here, not a skip. Elsewhere the tests that need
+them skip with the reason the loader gives.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from herd.inference import native
+from herd.inference.fast import DenseKernel
+from herd.inference.quant import Int8Kernel, quantize_int8
+
+CAN_RUN = all(f in native._cpu_flags() for f in native.CPU_FLAGS)
+needs_native = pytest.mark.skipif(not CAN_RUN, reason="needs an x86 CPU with AVX-512 and VNNI")
+
+
+@needs_native
+def test_the_kernels_build_and_load_here():
+    assert native.available(), native.why_unavailable()
+    assert native.why_unavailable() is None
+
+
+def _weights(N, K, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, s = quantize_int8(torch.randn(N, K, generator=g))
+    return q, s, torch.randn(K, generator=g)
+
+
+def _block_quantized(x: torch.Tensor) -> torch.Tensor:
+    """x [K] as the w8a8 kernel sees it: symmetric int8 per block of 64, scale amax/127, round half
+    to even — in float64, written independently of the C++."""
+    xb = x.double().view(-1, native.BLOCK)
+    d = xb.abs().amax(-1, keepdim=True) / 127
+    return (torch.round(xb / torch.where(d > 0, d, 1)) * d).view(-1)
+
+
+@needs_native
+@pytest.mark.parametrize("N,K", [(1, 64), (37, 128), (1024, 1024), (515, 2048)])  # tails of 4 rows, 1 row
+def test_w8a16_is_the_float_product(N, K):
+    q, s, x = _weights(N, K)
+    ref = (q.double() * s.double()[:, None]) @ x.double()
+    y = native.w8a16_gemv(q, s, x)
+    assert y.dtype == torch.float32 and y.shape == (N,)
+    assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-6
+    yb = native.w8a16_gemv(q, s, x.bfloat16())  # bf16 activations: bf16 output, exact bf16 input
+    refb = (q.double() * s.double()[:, None]) @ x.bfloat16().double()
+    assert yb.dtype == torch.bfloat16
+    assert ((yb.double() - refb).abs() <= refb.abs() * 2 ** -8 + 1e-6 * refb.abs().max()).all()
+
+
+@needs_native
+@pytest.mark.parametrize("N,K", [(5, 64), (1024, 1024), (300, 2048)])
+def test_w8a8_is_the_product_with_block_quantized_activations(N, K):
+    q, s, x = _weights(N, K, seed=1)
+    x[:64] *= 50  # one block with large values: its scale must not leak into the others
+    x[64:128] = 0  # an all-zero block (scale 0)
+    ref = (q.double() * s.double()[:, None]) @ _block_quantized(x)
+    y = native.w8a8_gemv(q, s, x)
+    assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-6
+    exact = (q.double() * s.double()[:, None]) @ x.double()
+    rel = ((y.double() - exact).norm() / exact.norm()).item()
+    assert 1e-5 < rel < 0.02, rel  # really quantized, and close
+
+
+@needs_native
+@pytest.mark.parametrize("N,K", [(3, 64), (1024, 1024), (2051, 1024)])
+def test_bf16_gemv_matches_float64(N, K):
+    if not native.bf16_available():
+        pytest.skip("this CPU lacks AVX512-BF16")
+    g = torch.Generator().manual_seed(2)
+    w, x = torch.randn(N, K, generator=g).bfloat16(), torch.randn(K, generator=g).bfloat16()
+    ref = w.double() @ x.double()
+    y = native.bf16_gemv(w, x)
+    assert y.dtype == torch.bfloat16
+    # the float32 sum rounded once to bf16: within half a bf16 ulp plus float32 summation error
+    assert ((y.double() - ref).abs() <= ref.abs() * 2 ** -8 + 1e-4).all()
+    assert ((y.double() - torch.mv(w, x).double()).abs() <= ref.abs() * 2 ** -7 + 1e-3).all()
+
+
+@needs_native
+def test_results_do_not_depend_on_the_thread_count():
+    q, s, x = _weights(777, 1024, seed=3)
+    w = (q.float() * s[:, None]).bfloat16()
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append((native.w8a16_gemv(q, s, x), native.w8a8_gemv(q, s, x),
+                         native.bf16_gemv(w, x.bfloat16()) if native.bf16_available() else None))
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*outs):
+        assert a is None or torch.equal(a, b)
+
+
+@needs_native
+def test_bad_input_is_a_clear_error():
+    q, s, x = _weights(8, 128)
+    with pytest.raises(RuntimeError, match="multiple of 64"):
+        native.w8a16_gemv(q[:, :96].contiguous(), s, x[:96])
+    with pytest.raises(RuntimeError, match="x must be"):
+        native.w8a8_gemv(q, s, x[:64])
+    with pytest.raises(RuntimeError, match="float32"):
+        native.w8a16_gemv(q, s.double(), x)
+    with pytest.raises(RuntimeError, match="int8"):
+        native.w8a16_gemv(q.float(), s, x)
+
+
+@needs_native
+@pytest.mark.parametrize("activations", [False, True])
+def test_int8_kernel_uses_the_native_product_for_one_row(activations):
+    q, s, x = _weights(256, 128, seed=4)
+    k = Int8Kernel(q, s.bfloat16())
+    k.set_activations(activations)
+    assert k.matvec.func is (native.w8a8_gemv if activations else native.w8a16_gemv)
+    xb = x.bfloat16()
+    one = k(xb[None])  # [1, 256] through __call__
+    assert torch.equal(one[0], k.matvec(xb))
+    ref = F.linear(xb.double()[None], k.dequantize().double())
+    assert ((one.double() - ref).norm() / ref.norm()).item() < (0.02 if activations else 0.005)
+    # several rows take torch's kernels; they agree with the one-row native product
+    many = k(torch.stack([xb, xb, xb]))
+    assert ((many[1].double() - one[0].double()).norm() / ref.norm()).item() < (0.02 if activations else 0.005)
+
+
+@needs_native
+def test_dense_kernel_one_row_and_fallbacks():
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(96, 128, generator=g).bfloat16()
+    k = DenseKernel(w, pack=False)
+    assert k.matvec.func is (native.bf16_gemv if native.bf16_available() else torch.mv)
+    # float32 weights and widths that are not a multiple of 64 stay on torch.mv
+    assert DenseKernel(w.float(), pack=False).matvec.func is torch.mv
+    assert DenseKernel(w[:, :96].contiguous(), pack=False).matvec.func is torch.mv
+
+
+def test_turned_off_by_environment():
+    code = "from herd.inference import native; print(native.available(), native.why_unavailable())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "HERD_NATIVE": "0"}).stdout
+    assert out.strip() == "False turned off by HERD_NATIVE=0"
+
+
+@needs_native
+def test_a_broken_build_is_reported_not_raised(tmp_path):
+    """A compiler that fails leaves the portable kernels in use and says why."""
+    fake = tmp_path / "fake-g++"
+    fake.write_text("#!/bin/sh\necho 'error: no such compiler' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    code = "from herd.inference import native; print(native.available()); print(native.why_unavailable())"
+    env = {**os.environ, "CXX": str(fake), "HERD_CACHE": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert out.startswith("False\ncompiling gemv.cpp failed")
+    assert "no such compiler" in out
+    assert not list((tmp_path / "cache").rglob("*.so"))  # nothing half-written left behind
