@@ -88,9 +88,10 @@ def general_path(model, prompts, new, kv=None) -> float:
         model._single_decoder = single
 
 
-def herd_decode(model, prompts: list[list[int]], new: int, kv=None) -> float:
+def herd_decode(model, prompts: list[list[int]], new: int, kv=None, stat: str = "median") -> float:
     """Decode tokens/s with all len(prompts) rows running (herd.Engine, greedy sampling included):
-    rows ÷ the median time of the steps taken while every row is decoding."""
+    rows ÷ the median time of the steps taken while every row is decoding (stat="mean": rows × steps
+    ÷ their total time, llama-bench's definition)."""
     B = len(prompts)
     engine = Engine(model, max_batch=B, capacity=max(map(len, prompts)) + new + 1, prefill_chunk=512, kv_dtype=kv)
     params = SamplingParams(max_new_tokens=new, stop_token_ids=[])
@@ -103,7 +104,7 @@ def herd_decode(model, prompts: list[list[int]], new: int, kv=None) -> float:
         engine.step()
         if full and len(engine.active) == B:
             times.append(time.perf_counter() - t)
-    return B / median(times)
+    return B / median(times) if stat == "median" else B * len(times) / sum(times)
 
 
 def hf_numbers(model, ids: torch.Tensor, new: int, repeat: int) -> tuple[float, float]:

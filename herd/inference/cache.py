@@ -36,6 +36,17 @@ def _quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+def _native_decode_attention(dtype: torch.dtype, device: torch.device, head_dim: int):
+    """herd's native single-query attention (herd.inference.native) where it applies, else None:
+    decode of one row attends through it instead of the flash-attention kernel (~20% less time
+    per call at a 512-token context here: no blocking or buffers for a query of one position)."""
+    if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16) or head_dim % 16:
+        return None
+    from herd.inference import native
+
+    return native.op("decode_attention") if native.available() else None
+
+
 class KVCache:
     """Preallocated keys/values for `batch_size` sequences (see the module docstring)."""
 
@@ -66,6 +77,7 @@ class KVCache:
         self.lengths = [0] * batch_size  # tokens stored per row (= the next position)
         self._row0, self._rows = 0, batch_size
         self._plan: dict | None = None
+        self._native_decode = _native_decode_attention(self.dtype, self.device, self.head_dim)
         self.reserve(capacity)
 
     @classmethod
@@ -273,6 +285,10 @@ class KVCache:
             self._write(layer, rows, slice(first, first + 1), k, v)
         else:
             self._write(layer, p["row_idx"], idx, k, v)
+        if self._native_decode is not None and mask is None and q.shape[0] == 1 and not self._is_int8(layer):
+            r, D = rows.start, self.head_dim  # one row: its query heads [h, D] over keys [kv, hi, D]
+            out = self._native_decode(q.view(-1, D), self.k[layer][r, :, :hi], self.v[layer][r, :, :hi], D ** -0.5)
+            return out.view(q.shape)
         return merge_attention(self._read_parts(layer, q, rows, hi, mask))
 
     def _prefill_global(self, layer, q, k, v, p):

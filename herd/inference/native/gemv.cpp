@@ -1,19 +1,21 @@
-// herd's native CPU kernels: matrix-vector products over int8 weights, for decode at batch 1.
+// herd's native CPU kernels: matrix-vector products for decode at batch 1 (bf16 and int8 weights).
 //
 // Decode at batch 1 reads every active weight once per token, so its speed is the rate at which a
-// kernel streams weights from memory. torch's weight-only int8 kernel converts each weight to
-// float inside a loop that is compute-bound (slower per byte than bf16), and fbgemm's dynamic
-// linear is a GEMM that pays its packing and quantization machinery for one row. These two
-// kernels stream int8 rows at close to memory bandwidth:
+// kernel streams weights from memory. torch.mv streams bf16 at ~23 GB/s on this project's machine;
+// torch's weight-only int8 kernel widens each weight to float in a compute-bound loop (~10 GB/s), and
+// fbgemm's dynamic int8 linear is a GEMM that pays its packing and quantization for one row. These
+// kernels keep ~25–29 GB/s in flight with two threads:
 //
-//   w8a16: y[n] = s[n] · Σ_k q[n,k] · x[k]           (weight-only: x stays in float, exact maths)
-//   w8a8:  y[n] = s[n] · Σ_b d[b] · Σ_{k∈b} q[n,k] · xq[k]
-//          x quantized to int8 per block of 64 values, x[k] ≈ d[b] · xq[k]  (llama.cpp's Q8_0 idea,
-//          blocks of 64 instead of 32), the block sums on VNNI int8 dot-product instructions.
+//   int8 weights q [N, K] (row-major) with float32 scales s [N]:
+//   y[n] = s[n] · Σ_b d[b] · Σ_{k∈b} q[n,k] · xq[k],   x[k] ≈ d[b] · xq[k] per block b of 64 values
+//   w8a16: xq int16 (d = amax/32767): weight-only int8 in effect, x kept finer than bf16 keeps it;
+//   w8a8:  xq int8 (d = amax/127): llama.cpp's Q8_0 idea (it uses blocks of 32), ~0.5% error.
+//   Block sums on VNNI dot-product instructions (vpdpwssd, vpdpbusd), float32 across blocks.
+//   bf16:  y = W x for bf16 W [N, K] and x [K] on vdpbf16ps (exact products, float32 sums).
 //
-// q int8 [N, K] row-major, s float32 [N], x float32 or bfloat16 [K] → y [N] in x's dtype; float32
-// accumulation. Rows are split across torch's intra-op threads (at::parallel_for); four rows at a
-// time share each load of x. Needs AVX-512 (F, BW, VL) and, for w8a8, AVX-512 VNNI; K % 64 == 0.
+// x float32 or bfloat16 [K] → y [N] in x's dtype. Rows are split across torch's intra-op threads
+// (at::parallel_for); four rows at a time share each load of x. Needs AVX-512 (F, BW, VL) with VNNI,
+// and AVX512-BF16 for the bf16 kernel (compiled for it, run only where the CPU has it); K % 64 == 0.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -52,8 +54,10 @@ std::vector<float> to_float(const at::Tensor& x) {
     const float* p = xc.data_ptr<float>();
     std::copy(p, p + K, out.begin());
   } else {
-    const at::BFloat16* p = xc.data_ptr<at::BFloat16>();
-    for (int64_t k = 0; k < K; k++) out[k] = static_cast<float>(p[k]);
+    const uint16_t* p = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
+    for (int64_t k = 0; k < K; k += 16)  // K % 64 == 0; bf16 → float32 is the 16 bits on top
+      _mm512_storeu_ps(out.data() + k, _mm512_castsi512_ps(_mm512_slli_epi32(
+          _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + k))), 16)));
   }
   return out;
 }
@@ -72,20 +76,56 @@ at::Tensor over_rows(int64_t N, const at::Tensor& x, F rows) {
   return y;
 }
 
-// ---- w8a16 ---------------------------------------------------------------------------------------
-inline __m512 widen(const int8_t* p) {  // 16 int8 → 16 float32
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+// One block of 64 floats x → integers round-half-even(x · levels/amax) as 4 vectors of int32, and
+// the block's scale amax/levels (0 for an all-zero block). Vectorized: this runs once per product,
+// before the rows, on the critical path of every matrix-vector product.
+inline float scale_block(const float* x, float levels, __m512i v[4]) {
+  __m512 a = _mm512_setzero_ps();
+  for (int c = 0; c < 4; c++) a = _mm512_max_ps(a, _mm512_abs_ps(_mm512_loadu_ps(x + 16 * c)));
+  const float amax = _mm512_reduce_max_ps(a);
+  const __m512 inv = _mm512_set1_ps(amax > 0.f ? levels / amax : 0.f);
+  for (int c = 0; c < 4; c++)  // cvtps_epi32 rounds to nearest even (the default rounding mode)
+    v[c] = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + 16 * c), inv));
+  return amax / levels;
+}
+
+// ---- w8a16 ----------------------------------------------------------------------------------------
+// x as int16 per block of 64 (d = amax/32767: an error of at most 2^-16 of the block's largest value,
+// ~500× finer than bf16's own rounding of that value), int8 rows widened to int16, and VNNI's
+// vpdpwssd summing pairs of int16 products into int32: a third of the instructions of widening every
+// weight to float, which keeps the loop bound by memory, not by arithmetic.
+struct Int16X {
+  std::vector<int16_t> v;    // [K]
+  std::vector<float> scale;  // [K/64]
+};
+
+Int16X quantize_x16(const std::vector<float>& x) {
+  const int64_t K = static_cast<int64_t>(x.size()), B = K / kBlock;
+  Int16X out{std::vector<int16_t>(K), std::vector<float>(B)};
+  for (int64_t b = 0; b < B; b++) {
+    __m512i v[4];
+    out.scale[b] = scale_block(x.data() + b * kBlock, 32767.f, v);
+    for (int c = 0; c < 4; c++)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.v.data() + b * kBlock + 16 * c), _mm512_cvtepi32_epi16(v[c]));
+  }
+  return out;
 }
 
 template <int R, typename Out>
-void w8a16_rows(const int8_t* q, const float* s, const float* x, Out* y, int64_t n, int64_t K) {
+void w8a16_rows(const int8_t* q, const float* s, const Int16X& xq, Out* y, int64_t n, int64_t K) {
   __m512 acc[R];
   for (int i = 0; i < R; i++) acc[i] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += kBlock) {  // one 64-byte line of each row per step
-    for (int i = 0; i < R; i++) prefetch(q + (n + i + R) * K + k);
-    for (int64_t j = 0; j < kBlock; j += 16) {
-      const __m512 xv = _mm512_loadu_ps(x + k + j);
-      for (int i = 0; i < R; i++) acc[i] = _mm512_fmadd_ps(widen(q + (n + i) * K + k + j), xv, acc[i]);
+  for (int64_t b = 0; b < K / kBlock; b++) {
+    const __m512i x0 = _mm512_loadu_si512(xq.v.data() + b * kBlock), x1 = _mm512_loadu_si512(xq.v.data() + b * kBlock + 32);
+    const __m512 d = _mm512_set1_ps(xq.scale[b]);
+    for (int i = 0; i < R; i++) {
+      const int8_t* row = q + (n + i) * K + b * kBlock;
+      prefetch(row + R * K);
+      const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row)));
+      const __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32)));
+      __m512i dot = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w0, x0);
+      dot = _mm512_dpwssd_epi32(dot, w1, x1);
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), d, acc[i]);
     }
   }
   for (int i = 0; i < R; i++) y[n + i] = static_cast<Out>(s[n + i] * _mm512_reduce_add_ps(acc[i]));
@@ -94,13 +134,13 @@ void w8a16_rows(const int8_t* q, const float* s, const float* x, Out* y, int64_t
 at::Tensor w8a16(const at::Tensor& q, const at::Tensor& s, const at::Tensor& x) {
   check(q, s, x);
   const int64_t N = q.size(0), K = q.size(1);
-  const std::vector<float> xf = to_float(x);
+  const Int16X xq = quantize_x16(to_float(x));
   const int8_t* Q = q.data_ptr<int8_t>();
   const float* S = s.data_ptr<float>();
   return over_rows(N, x, [&](auto* y, int64_t b, int64_t e) {
     int64_t n = b;
-    for (; n + kRows <= e; n += kRows) w8a16_rows<kRows>(Q, S, xf.data(), y, n, K);
-    for (; n < e; n++) w8a16_rows<1>(Q, S, xf.data(), y, n, K);
+    for (; n + kRows <= e; n += kRows) w8a16_rows<kRows>(Q, S, xq, y, n, K);
+    for (; n < e; n++) w8a16_rows<1>(Q, S, xq, y, n, K);
   });
 }
 
@@ -117,18 +157,15 @@ QuantizedX quantize_x(const std::vector<float>& x) {
   const int64_t K = static_cast<int64_t>(x.size()), B = K / kBlock;
   QuantizedX out{std::vector<uint8_t>(K), std::vector<uint64_t>(B), std::vector<float>(B)};
   for (int64_t b = 0; b < B; b++) {
-    const float* xb = x.data() + b * kBlock;
-    float amax = 0.f;
-    for (int64_t j = 0; j < kBlock; j++) amax = std::max(amax, std::fabs(xb[j]));
-    const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+    __m512i v[4];
+    out.scale[b] = scale_block(x.data() + b * kBlock, 127.f, v);
     uint64_t sign = 0;
-    for (int64_t j = 0; j < kBlock; j++) {
-      const int v = static_cast<int>(std::nearbyint(xb[j] * inv));  // round half to even, |v| ≤ 127
-      out.mag[b * kBlock + j] = static_cast<uint8_t>(v < 0 ? -v : v);
-      if (v < 0) sign |= uint64_t(1) << j;
+    for (int c = 0; c < 4; c++) {  // |v| ≤ 127 as bytes, and the sign bits
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out.mag.data() + b * kBlock + 16 * c),
+                       _mm512_cvtepi32_epi8(_mm512_abs_epi32(v[c])));
+      sign |= uint64_t(_mm512_cmplt_epi32_mask(v[c], _mm512_setzero_si512())) << (16 * c);
     }
     out.sign[b] = sign;
-    out.scale[b] = d;
   }
   return out;
 }
@@ -206,9 +243,120 @@ at::Tensor bf16(const at::Tensor& w, const at::Tensor& x) {
   return y;
 }
 
+// ---- attention of one query position over a KV cache --------------------------------------------
+// out[i] = Σ_s softmax_s(scale · q[i]·k[s]) · v[s] for the g = h/kv query heads i that share KV head
+// j = i / g (grouped-query attention), all in float32: the decode step's attention, without the
+// blocking and buffers of a flash-attention kernel that a single query does not need.
+
+// e^x for x ≤ 0 (softmax after subtracting the max): 2^(x·log2 e) split into 2^n · 2^f, f ∈ [-½, ½],
+// 2^f by its degree-6 Taylor polynomial (relative error < 2e-7), 2^n by vscalefps (0 below -126·ln 2 → tiny).
+inline __m512 exp_neg(__m512 x) {
+  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(1.44269504f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.69314718f));  // 2^(t-n) = e^f
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  for (float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+
+template <typename T>
+inline __m512 load16(const T* p);
+template <>
+inline __m512 load16<float>(const float* p) { return _mm512_loadu_ps(p); }
+template <>
+inline __m512 load16<at::BFloat16>(const at::BFloat16* p) {  // bf16 → float32: the 16 bits on top
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+template <typename T>
+void attend_head_group(const T* q, const T* k, const T* v, T* out, int64_t g, int64_t S, int64_t D,
+                       int64_t k_stride, int64_t v_stride, float scale) {
+  std::vector<float> qf(g * D), sc(g * S);
+  for (int64_t i = 0; i < g * D; i++) qf[i] = static_cast<float>(q[i]);
+  for (int64_t s = 0; s < S; s++) {  // scores [g, S]
+    const T* kr = k + s * k_stride;
+    for (int64_t i = 0; i < g; i++) {
+      __m512 a = _mm512_setzero_ps();
+      for (int64_t d = 0; d < D; d += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(qf.data() + i * D + d), load16(kr + d), a);
+      sc[i * S + s] = scale * _mm512_reduce_add_ps(a);
+    }
+  }
+  std::vector<float> total(g);
+  for (int64_t i = 0; i < g; i++) {  // softmax numerators in place, and their sums
+    float* r = sc.data() + i * S;
+    float m = -INFINITY;
+    for (int64_t s = 0; s < S; s++) m = std::max(m, r[s]);
+    __m512 sum = _mm512_setzero_ps();
+    int64_t s = 0;
+    for (; s + 16 <= S; s += 16) {
+      const __m512 e = exp_neg(_mm512_sub_ps(_mm512_loadu_ps(r + s), _mm512_set1_ps(m)));
+      _mm512_storeu_ps(r + s, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    float tail = 0.f;
+    for (; s < S; s++) tail += (r[s] = std::exp(r[s] - m));
+    total[i] = _mm512_reduce_add_ps(sum) + tail;
+  }
+  // Σ_s p[i, s] · v[s], 32 columns (16 at the end if D % 32 == 16) of up to 8 heads at a time,
+  // accumulated in registers
+  for (int64_t i0 = 0; i0 < g; i0 += 8) {
+    const int64_t gi = std::min<int64_t>(8, g - i0);
+    for (int64_t d = 0; d < D; d += 32) {
+      const int64_t d1 = d + 16 < D ? d + 16 : d;  // the second 16 columns (a repeat when only 16 are left)
+      __m512 acc[8][2];
+      for (int64_t i = 0; i < gi; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+      for (int64_t s = 0; s < S; s++) {
+        const T* vr = v + s * v_stride;
+        const __m512 v0 = load16(vr + d), v1 = load16(vr + d1);
+        for (int64_t i = 0; i < gi; i++) {
+          const __m512 p = _mm512_set1_ps(sc[(i0 + i) * S + s]);
+          acc[i][0] = _mm512_fmadd_ps(p, v0, acc[i][0]);
+          acc[i][1] = _mm512_fmadd_ps(p, v1, acc[i][1]);
+        }
+      }
+      for (int64_t i = 0; i < gi; i++) {
+        const __m512 inv = _mm512_set1_ps(1.f / total[i0 + i]);
+        float o[32];
+        _mm512_storeu_ps(o, _mm512_mul_ps(acc[i][0], inv));
+        _mm512_storeu_ps(o + 16, _mm512_mul_ps(acc[i][1], inv));
+        for (int c = 0; c < std::min<int64_t>(32, D - d); c++) out[(i0 + i) * D + d + c] = static_cast<T>(o[c]);
+      }
+    }
+  }
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
+  TORCH_CHECK(q.dim() == 2 && k.dim() == 3 && v.dim() == 3, "q must be [h, D], k and v [kv, S, D]");
+  const int64_t h = q.size(0), D = q.size(1), kv = k.size(0), S = k.size(1);
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(2) == D && h % kv == 0 && D % 16 == 0 && S > 0,
+              "k and v must both be [kv, S, D] with kv dividing h, D a multiple of 16 and S > 0");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type() &&
+              (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16), "q, k, v: one dtype, float32 or bf16");
+  TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1, "k and v must be contiguous along D");
+  const auto qc = q.contiguous();
+  auto out = at::empty({h, D}, q.options());
+  const int64_t g = h / kv;
+  auto run = [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* Q = qc.data_ptr<scalar_t>();
+    const scalar_t* K = k.data_ptr<scalar_t>();
+    const scalar_t* V = v.data_ptr<scalar_t>();
+    scalar_t* O = out.data_ptr<scalar_t>();
+    at::parallel_for(0, kv, 1, [&](int64_t b, int64_t e) {
+      for (int64_t j = b; j < e; j++)
+        attend_head_group(Q + j * g * D, K + j * k.stride(0), V + j * v.stride(0), O + j * g * D, g, S, D,
+                          k.stride(1), v.stride(1), static_cast<float>(scale));
+    });
+  };
+  if (q.scalar_type() == at::kFloat) run(float{}); else run(at::BFloat16{});
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(herd_native, m) {
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor", decode_attention);
   m.def("bf16_gemv(Tensor w, Tensor x) -> Tensor", bf16);
   m.def("w8a16_gemv(Tensor q, Tensor s, Tensor x) -> Tensor", w8a16);
   m.def("w8a8_gemv(Tensor q, Tensor s, Tensor x) -> Tensor", w8a8);
