@@ -269,61 +269,149 @@ inline __m512 load16<at::BFloat16>(const at::BFloat16* p) {  // bf16 → float32
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-template <typename T>
-void attend_head_group(const T* q, const T* k, const T* v, T* out, int64_t g, int64_t S, int64_t D,
-                       int64_t k_stride, int64_t v_stride, float scale) {
-  std::vector<float> qf(g * D), sc(g * S);
-  for (int64_t i = 0; i < g * D; i++) qf[i] = static_cast<float>(q[i]);
-  for (int64_t s = 0; s < S; s++) {  // scores [g, S]
-    const T* kr = k + s * k_stride;
+// 16 vectors → one vector whose lane t is the sum of v[t]'s lanes: a transpose-and-add tree, ~45
+// instructions for 16 sums where 16 separate horizontal sums take ~160.
+inline __m512 hsum16(const __m512 v[16]) {
+  __m512 w[8], x[4], y[2];
+  for (int j = 0; j < 8; j++)  // per 128-bit block: v[2j] in even positions, v[2j+1] in odd
+    w[j] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * j], v[2 * j + 1]), _mm512_unpackhi_ps(v[2 * j], v[2 * j + 1]));
+  for (int j = 0; j < 4; j++) {  // per 128-bit block: the block sums of v[4j … 4j+3] in positions 0 … 3
+    const __m512d a = _mm512_castps_pd(w[2 * j]), b = _mm512_castps_pd(w[2 * j + 1]);
+    x[j] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  for (int j = 0; j < 2; j++)  // add the 128-bit blocks pairwise: blocks (x0: 0+1, 2+3, x1: 0+1, 2+3)
+    y[j] = _mm512_add_ps(_mm512_shuffle_f32x4(x[2 * j], x[2 * j + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(x[2 * j], x[2 * j + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(y[0], y[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(y[0], y[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// Scores of g query heads against n keys (k rows k_stride apart) into sc [g, kKeys], 16 keys at a
+// time: each q·k as a vector of 16 partial sums, then hsum16 turns 16 of them into 16 scores.
+// float32: FMAs; bf16: vdpbf16ps over the bf16 q and k themselves (exact products, float32 sums).
+constexpr int64_t kKeys = 512;  // keys per block (their scores stay in L1/L2)
+
+void block_scores(const float* q, const float* k, int64_t k_stride, int64_t g, int64_t n, int64_t D,
+                  float scale, float* sc) {
+  for (int64_t s = 0; s < n; s += 16) {
+    const int64_t m = std::min<int64_t>(16, n - s);
     for (int64_t i = 0; i < g; i++) {
-      __m512 a = _mm512_setzero_ps();
-      for (int64_t d = 0; d < D; d += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(qf.data() + i * D + d), load16(kr + d), a);
-      sc[i * S + s] = scale * _mm512_reduce_add_ps(a);
-    }
-  }
-  std::vector<float> total(g);
-  for (int64_t i = 0; i < g; i++) {  // softmax numerators in place, and their sums
-    float* r = sc.data() + i * S;
-    float m = -INFINITY;
-    for (int64_t s = 0; s < S; s++) m = std::max(m, r[s]);
-    __m512 sum = _mm512_setzero_ps();
-    int64_t s = 0;
-    for (; s + 16 <= S; s += 16) {
-      const __m512 e = exp_neg(_mm512_sub_ps(_mm512_loadu_ps(r + s), _mm512_set1_ps(m)));
-      _mm512_storeu_ps(r + s, e);
-      sum = _mm512_add_ps(sum, e);
-    }
-    float tail = 0.f;
-    for (; s < S; s++) tail += (r[s] = std::exp(r[s] - m));
-    total[i] = _mm512_reduce_add_ps(sum) + tail;
-  }
-  // Σ_s p[i, s] · v[s], 32 columns (16 at the end if D % 32 == 16) of up to 8 heads at a time,
-  // accumulated in registers
-  for (int64_t i0 = 0; i0 < g; i0 += 8) {
-    const int64_t gi = std::min<int64_t>(8, g - i0);
-    for (int64_t d = 0; d < D; d += 32) {
-      const int64_t d1 = d + 16 < D ? d + 16 : d;  // the second 16 columns (a repeat when only 16 are left)
-      __m512 acc[8][2];
-      for (int64_t i = 0; i < gi; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
-      for (int64_t s = 0; s < S; s++) {
-        const T* vr = v + s * v_stride;
-        const __m512 v0 = load16(vr + d), v1 = load16(vr + d1);
-        for (int64_t i = 0; i < gi; i++) {
-          const __m512 p = _mm512_set1_ps(sc[(i0 + i) * S + s]);
-          acc[i][0] = _mm512_fmadd_ps(p, v0, acc[i][0]);
-          acc[i][1] = _mm512_fmadd_ps(p, v1, acc[i][1]);
-        }
+      __m512 a[16];
+      for (int64_t t = 0; t < 16; t++) {
+        a[t] = _mm512_setzero_ps();
+        if (t < m)
+          for (int64_t d = 0; d < D; d += 16)
+            a[t] = _mm512_fmadd_ps(_mm512_loadu_ps(q + i * D + d), _mm512_loadu_ps(k + (s + t) * k_stride + d), a[t]);
       }
-      for (int64_t i = 0; i < gi; i++) {
-        const __m512 inv = _mm512_set1_ps(1.f / total[i0 + i]);
-        float o[32];
-        _mm512_storeu_ps(o, _mm512_mul_ps(acc[i][0], inv));
-        _mm512_storeu_ps(o + 16, _mm512_mul_ps(acc[i][1], inv));
-        for (int c = 0; c < std::min<int64_t>(32, D - d); c++) out[(i0 + i) * D + d + c] = static_cast<T>(o[c]);
+      _mm512_mask_storeu_ps(sc + i * kKeys + s, (__mmask16)((1u << m) - 1), _mm512_mul_ps(hsum16(a), _mm512_set1_ps(scale)));
+    }
+  }
+}
+
+__attribute__((target("avx512bf16"))) void block_scores(const at::BFloat16* q, const at::BFloat16* k,
+                                                        int64_t k_stride, int64_t g, int64_t n, int64_t D,
+                                                        float scale, float* sc) {
+  for (int64_t s = 0; s < n; s += 16) {
+    const int64_t m = std::min<int64_t>(16, n - s);
+    for (int64_t i = 0; i < g; i++) {
+      __m512 a[16];
+      for (int64_t t = 0; t < 16; t++) {
+        a[t] = _mm512_setzero_ps();
+        if (t >= m) continue;
+        const at::BFloat16* kr = k + (s + t) * k_stride;
+        int64_t d = 0;
+        for (; d + 32 <= D; d += 32)
+          a[t] = _mm512_dpbf16_ps(a[t], (__m512bh)_mm512_loadu_si512(q + i * D + d), (__m512bh)_mm512_loadu_si512(kr + d));
+        if (d < D) a[t] = _mm512_fmadd_ps(load16(q + i * D + d), load16(kr + d), a[t]);  // D % 32 == 16
+      }
+      _mm512_mask_storeu_ps(sc + i * kKeys + s, (__mmask16)((1u << m) - 1), _mm512_mul_ps(hsum16(a), _mm512_set1_ps(scale)));
+    }
+  }
+}
+
+// The running state of one query head over a range of keys: max score m, Σ e^(score − m) l, and
+// Σ e^(score − m) · v in acc [D] (flash-attention's online softmax).
+struct Partial {
+  std::vector<float> m, l, acc;  // [g], [g], [g, D]
+};
+
+// acc [G, D] += Σ_s p[i, s] · v[s] over n values (rows v_stride apart), p [G, kKeys]: 32 columns at a
+// time (16 at the end if D % 32 == 16), the G × 2 accumulators in registers.
+template <int G, typename T>
+void accumulate_v(const float* p, const T* v, int64_t v_stride, int64_t n, int64_t D, float* acc_out) {
+  for (int64_t d = 0; d < D; d += 32) {
+    const bool two = d + 16 < D;
+    __m512 acc[G][2];
+    for (int i = 0; i < G; i++) {
+      acc[i][0] = _mm512_loadu_ps(acc_out + i * D + d);
+      acc[i][1] = two ? _mm512_loadu_ps(acc_out + i * D + d + 16) : _mm512_setzero_ps();
+    }
+    for (int64_t s = 0; s < n; s++) {
+      const T* vr = v + s * v_stride + d;
+      const __m512 v0 = load16(vr), v1 = two ? load16(vr + 16) : v0;
+      for (int i = 0; i < G; i++) {
+        const __m512 w = _mm512_set1_ps(p[i * kKeys + s]);
+        acc[i][0] = _mm512_fmadd_ps(w, v0, acc[i][0]);
+        acc[i][1] = _mm512_fmadd_ps(w, v1, acc[i][1]);
+      }
+    }
+    for (int i = 0; i < G; i++) {
+      _mm512_storeu_ps(acc_out + i * D + d, acc[i][0]);
+      if (two) _mm512_storeu_ps(acc_out + i * D + d + 16, acc[i][1]);
+    }
+  }
+}
+
+// Query heads q [g, D] against keys/values s ∈ [s0, s1) of one KV head, a block of kKeys keys at a
+// time; returns the unnormalized partial state.
+
+template <typename T>
+Partial attend_range(const T* q, const T* k, const T* v, int64_t g, int64_t s0, int64_t s1, int64_t D,
+                     int64_t k_stride, int64_t v_stride, float scale) {
+  Partial st{std::vector<float>(g, -INFINITY), std::vector<float>(g, 0.f), std::vector<float>(g * D, 0.f)};
+  std::vector<float> sc(g * kKeys);
+  for (int64_t b0 = s0; b0 < s1; b0 += kKeys) {
+    const int64_t n = std::min(kKeys, s1 - b0);
+    block_scores(q, k + b0 * k_stride, k_stride, g, n, D, scale, sc.data());  // [g, n]
+    for (int64_t i = 0; i < g; i++) {  // fold the block into the running max and sum
+      float* r = sc.data() + i * kKeys;
+      __m512 mv = _mm512_set1_ps(st.m[i]);
+      int64_t s = 0;
+      for (; s + 16 <= n; s += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(r + s));
+      float m = _mm512_reduce_max_ps(mv);
+      for (; s < n; s++) m = std::max(m, r[s]);
+      const float corr = std::exp(st.m[i] - m);  // 0 on the first block (m was -inf)
+      st.m[i] = m;
+      __m512 sum = _mm512_setzero_ps();
+      for (s = 0; s + 16 <= n; s += 16) {
+        const __m512 e = exp_neg(_mm512_sub_ps(_mm512_loadu_ps(r + s), _mm512_set1_ps(m)));
+        _mm512_storeu_ps(r + s, e);
+        sum = _mm512_add_ps(sum, e);
+      }
+      float tail = 0.f;
+      for (; s < n; s++) tail += (r[s] = std::exp(r[s] - m));
+      st.l[i] = st.l[i] * corr + _mm512_reduce_add_ps(sum) + tail;
+      for (int64_t d = 0; d < D; d++) st.acc[i * D + d] *= corr;
+    }
+    // acc[i] += Σ_s p[i, s] · v[s], up to 8 heads at a time (a compile-time count, so that their
+    // accumulators live in registers)
+    for (int64_t i0 = 0; i0 < g; i0 += 8) {
+      const float* p = sc.data() + i0 * kKeys;
+      float* acc = st.acc.data() + i0 * D;
+      const T* vb = v + b0 * v_stride;
+      switch (std::min<int64_t>(8, g - i0)) {
+        case 1: accumulate_v<1>(p, vb, v_stride, n, D, acc); break;
+        case 2: accumulate_v<2>(p, vb, v_stride, n, D, acc); break;
+        case 3: accumulate_v<3>(p, vb, v_stride, n, D, acc); break;
+        case 4: accumulate_v<4>(p, vb, v_stride, n, D, acc); break;
+        case 5: accumulate_v<5>(p, vb, v_stride, n, D, acc); break;
+        case 6: accumulate_v<6>(p, vb, v_stride, n, D, acc); break;
+        case 7: accumulate_v<7>(p, vb, v_stride, n, D, acc); break;
+        default: accumulate_v<8>(p, vb, v_stride, n, D, acc); break;
       }
     }
   }
+  return st;
 }
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
@@ -337,17 +425,41 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   const auto qc = q.contiguous();
   auto out = at::empty({h, D}, q.options());
   const int64_t g = h / kv;
+  // Work items: each KV head, and for long contexts its keys split in as many ranges as it takes to
+  // give every thread work (split-K "flash decoding"); the partial states are merged exactly.
+  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>((at::get_num_threads() + kv - 1) / kv, S / (4 * kKeys)));
+  const int64_t span = (S + splits - 1) / splits;
+  std::vector<Partial> parts(kv * splits);
   auto run = [&](auto tag) {
     using scalar_t = decltype(tag);
     const scalar_t* Q = qc.data_ptr<scalar_t>();
     const scalar_t* K = k.data_ptr<scalar_t>();
     const scalar_t* V = v.data_ptr<scalar_t>();
-    scalar_t* O = out.data_ptr<scalar_t>();
-    at::parallel_for(0, kv, 1, [&](int64_t b, int64_t e) {
-      for (int64_t j = b; j < e; j++)
-        attend_head_group(Q + j * g * D, K + j * k.stride(0), V + j * v.stride(0), O + j * g * D, g, S, D,
-                          k.stride(1), v.stride(1), static_cast<float>(scale));
+    at::parallel_for(0, kv * splits, 1, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; t++) {
+        const int64_t j = t / splits, s0 = (t % splits) * span, s1 = std::min(S, s0 + span);
+        if (s0 < s1)
+          parts[t] = attend_range(Q + j * g * D, K + j * k.stride(0), V + j * v.stride(0), g, s0, s1, D,
+                                  k.stride(1), v.stride(1), static_cast<float>(scale));
+      }
     });
+    scalar_t* O = out.data_ptr<scalar_t>();
+    for (int64_t j = 0; j < kv; j++)
+      for (int64_t i = 0; i < g; i++) {  // out = Σ_p e^(m_p − M) acc_p / Σ_p e^(m_p − M) l_p
+        float M = -INFINITY;
+        for (int64_t p = 0; p < splits; p++)
+          if (!parts[j * splits + p].m.empty()) M = std::max(M, parts[j * splits + p].m[i]);
+        std::vector<float> o(D, 0.f);
+        float l = 0.f;
+        for (int64_t p = 0; p < splits; p++) {
+          const Partial& st = parts[j * splits + p];
+          if (st.m.empty()) continue;
+          const float w = std::exp(st.m[i] - M);
+          l += w * st.l[i];
+          for (int64_t d = 0; d < D; d++) o[d] += w * st.acc[i * D + d];
+        }
+        for (int64_t d = 0; d < D; d++) O[(j * g + i) * D + d] = static_cast<scalar_t>(o[d] / l);
+      }
   };
   if (q.scalar_type() == at::kFloat) run(float{}); else run(at::BFloat16{});
   return out;
