@@ -8,14 +8,16 @@ weights from a directory herd writes.
 Measured (best of --repeat where repeated):
   * prefill of a 512-token prompt at batch 1 (tokens/s, best of --repeat);
   * decode of 128 tokens at batch 1 through herd.Engine (greedy sampling included), in bf16 and
-    with weight-only int8 (and int4 with --int4): 1 ÷ the median step time;
+    with weight-only int8 (and int4 with --int4): 1 ÷ the median step time, the variants taking
+    turns for --rounds rounds and the median round reported (the machine's speed drifts);
   * batched decode throughput at batch 8 and 32, prompts of --batch-prompt tokens (rows ÷ median
     step time while the batch is full);
   * transformers (bf16, same weights) prefill and decode at batch 1 (a greedy loop over its KV
     cache), printed as herd ÷ transformers.
 Medians, not means: on a shared machine other processes stall some steps.
 llama.cpp's figures from FACTS (same model, 2 threads, another machine: AMD EPYC) are printed as the
-targets; scripts/llamacpp_side_by_side.sh measures llama.cpp on this machine.
+targets; benchmarks/vs_llamacpp.py (run by scripts/llamacpp_side_by_side.sh) measures llama.cpp on
+this machine, alternating with herd round by round.
 
     python benchmarks/decode.py                 # full run (~3-5 min on 2 cores)
     python benchmarks/decode.py --quick         # a small model and short runs: checks the script works
@@ -142,6 +144,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="*", default=[8, 32])
     ap.add_argument("--batch-prompt", type=int, default=128, help="prompt length of the batched runs")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5, help="rounds of batch-1 decode, variants taking turns")
     ap.add_argument("--int4", action="store_true", help="also measure int4 weights (group 64)")
     ap.add_argument("--kv", choices=("auto", "int8"), default="auto", help="KV cache of the global layers")
     ap.add_argument("--int8-act", action="store_true", help="also int8 weights with int8 activations (fbgemm)")
@@ -150,7 +153,7 @@ def main() -> None:
     ap.add_argument("--no-transformers", action="store_true")
     args = ap.parse_args()
     if args.quick:
-        args.prompt, args.new, args.batches, args.repeat, args.batch_prompt = 64, 16, [4], 1, 32
+        args.prompt, args.new, args.batches, args.repeat, args.batch_prompt, args.rounds = 64, 16, [4], 1, 32, 1
     setup_threads()
     kv = None if args.kv == "auto" else args.kv
     print(f"# decode benchmark — {machine()}; load average at start {load_average().split()[0]}")
@@ -177,35 +180,47 @@ def main() -> None:
     variants = ([("bf16", None, None)] + [("int8", 8, None)]
                 + ([("int8, int8 activations", 8, "int8")] if args.int8_act else [])
                 + ([("int4", 4, None)] if args.int4 else []))
-    rows = []
-    for name, bits, act in variants:
+    models, pre, batched = {}, {}, {}
+    for name, bits, act in variants:  # prefill and batched decode, one variant after another
         model = herd.build_model(cfg, dtype=torch.bfloat16, seed=0).eval()
         model = quantize_model(model, bits=bits, activations=act) if bits else optimize_for_inference(model)
         gc.collect()
-        pre = herd_prefill(model, ids, args.repeat, 512)
-        dec = herd_decode(model, [ids[0].tolist()], args.new, kv)
-        batched = [herd_decode(model, batch_prompts[B], args.new, kv) for B in args.batches]
-        rows.append([f"herd {name}", f"{pre:.0f}", f"{dec:.1f}"] + [f"{b:.0f}" for b in batched]
-                    + ([f"{pre / hf[0]:.1f}× / {dec / hf[1]:.1f}×"] if hf else []))
-        print(f"herd {name}: prefill {pre:.0f} tok/s, decode {dec:.1f} tok/s, batched {[round(b) for b in batched]} "
+        pre[name] = herd_prefill(model, ids, args.repeat, 512)
+        batched[name] = [herd_decode(model, batch_prompts[B], args.new, kv) for B in args.batches]
+        models[name] = model
+        print(f"herd {name}: prefill {pre[name]:.0f} tok/s, batched {[round(b) for b in batched[name]]} "
               f"(load {load_average().split()[0]})", flush=True)
-        if not args.no_general:
-            gen = general_path(model, [ids[0].tolist()], args.new, kv)
-            rows.append([f"herd {name} (general path)", "", f"{gen:.1f}"] + ["–"] * len(args.batches)
-                        + ([f"– / {gen / hf[1]:.1f}×"] if hf else []))
-            print(f"herd {name}, general path: decode {gen:.1f} tok/s (load {load_average().split()[0]})", flush=True)
-        if args.compile and bits is None:
-            t = time.perf_counter()
-            model = optimize_for_inference(model, compile=True)
-            herd_decode(model, [ids[0, :64].tolist()], 4, kv)  # compiles
-            took = time.perf_counter() - t
-            dec = herd_decode(model, [ids[0].tolist()], args.new, kv)
-            rows.append([f"herd {name}, compiled step", "", f"{dec:.1f}"] + ["–"] * len(args.batches)
-                        + ([f"– / {dec / hf[1]:.1f}×"] if hf else []))
-            print(f"herd {name}, compiled step: decode {dec:.1f} tok/s, compile {took:.0f}s (load {load_average().split()[0]})",
-                  flush=True)
-        del model
-        gc.collect()
+    # Decode at batch 1, the variants taking turns for --rounds rounds (median per variant): the
+    # machine's speed drifts by tens of percent within minutes, and turns spread the drift evenly.
+    dec = {name: [] for name in models}
+    gen = {name: [] for name in models}
+    for r in range(args.rounds):
+        for name, model in models.items():
+            dec[name].append(herd_decode(model, [ids[0].tolist()], args.new, kv))
+            if not args.no_general:
+                gen[name].append(general_path(model, [ids[0].tolist()], args.new, kv))
+        print(f"round {r + 1}: " + ", ".join(f"{n} {dec[n][-1]:.1f}" + (f" (general {gen[n][-1]:.1f})" if gen[n] else "")
+                                           for n in models) + f" tok/s (load {load_average().split()[0]})", flush=True)
+    rows = []
+    for name in models:
+        d = median(dec[name])
+        rows.append([f"herd {name}", f"{pre[name]:.0f}", f"{d:.1f}"] + [f"{b:.0f}" for b in batched[name]]
+                    + ([f"{pre[name] / hf[0]:.1f}× / {d / hf[1]:.1f}×"] if hf else []))
+        if gen[name]:
+            g_ = median(gen[name])
+            rows.append([f"herd {name} (general path)", "", f"{g_:.1f}"] + ["–"] * len(args.batches)
+                        + ([f"– / {g_ / hf[1]:.1f}×"] if hf else []))
+    if args.compile:
+        model = optimize_for_inference(models["bf16"], compile=True)
+        t = time.perf_counter()
+        herd_decode(model, [ids[0, :64].tolist()], 4, kv)  # compiles
+        took = time.perf_counter() - t
+        d = herd_decode(model, [ids[0].tolist()], args.new, kv)
+        rows.append(["herd bf16, compiled step", "", f"{d:.1f}"] + ["–"] * len(args.batches)
+                    + ([f"– / {d / hf[1]:.1f}×"] if hf else []))
+        print(f"herd bf16, compiled step: decode {d:.1f} tok/s, compile {took:.0f}s (load {load_average().split()[0]})")
+    del models
+    gc.collect()
     header = (["engine", f"prefill {args.prompt} (tok/s)", "decode B=1 (tok/s)"]
               + [f"decode B={B}, prompt {args.batch_prompt} (tok/s)" for B in args.batches]
               + (["vs transformers (prefill / decode)"] if hf else []))

@@ -101,7 +101,17 @@ def _load() -> tuple[bool, str | None]:
         torch.ops.load_library(str(_build()))
     except (RuntimeError, OSError) as e:
         return False, str(e)
+    _register_fakes()
     return True, None
+
+
+def _register_fakes() -> None:
+    """Output shapes of the ops for fake tensors, so that torch.compile can trace calls to them."""
+    lib = "herd_native::"
+    torch.library.register_fake(lib + "bf16_gemv")(lambda w, x: x.new_empty(w.shape[0]))
+    torch.library.register_fake(lib + "w8a16_gemv")(lambda q, s, x: x.new_empty(q.shape[0]))
+    torch.library.register_fake(lib + "w8a8_gemv")(lambda q, s, x: x.new_empty(q.shape[0]))
+    torch.library.register_fake(lib + "decode_attention")(lambda q, k, v, scale: torch.empty_like(q))
 
 
 def available() -> bool:

@@ -467,9 +467,18 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 
 }  // namespace
 
+// Schemas here, CPU kernels below; herd/inference/native/__init__.py registers their shapes for
+// torch.compile's fake tensors (the ops stay opaque calls inside compiled graphs).
 TORCH_LIBRARY(herd_native, m) {
-  m.def("decode_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor", decode_attention);
-  m.def("bf16_gemv(Tensor w, Tensor x) -> Tensor", bf16);
-  m.def("w8a16_gemv(Tensor q, Tensor s, Tensor x) -> Tensor", w8a16);
-  m.def("w8a8_gemv(Tensor q, Tensor s, Tensor x) -> Tensor", w8a8);
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
+  m.def("bf16_gemv(Tensor w, Tensor x) -> Tensor");
+  m.def("w8a16_gemv(Tensor q, Tensor s, Tensor x) -> Tensor");
+  m.def("w8a8_gemv(Tensor q, Tensor s, Tensor x) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(herd_native, CPU, m) {
+  m.impl("decode_attention", decode_attention);
+  m.impl("bf16_gemv", bf16);
+  m.impl("w8a16_gemv", w8a16);
+  m.impl("w8a8_gemv", w8a8);
 }
