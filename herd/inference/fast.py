@@ -1,9 +1,10 @@
 """Decode-friendly kernels, swapped into a loaded model for serving (weights unchanged).
 
 `optimize_for_inference(model)` replaces, in the text decoder:
-  * nn.Linear → FastLinear: one row (decode at batch 1) runs as torch.mv, which streams bf16
-    weights much closer to memory bandwidth than F.linear does; several rows (prefill) use a
-    oneDNN-prepacked copy of the weight (see DenseKernel);
+  * nn.Linear → FastLinear: one row (decode at batch 1) runs as a matrix-vector product that
+    streams the weight at close to memory bandwidth (herd's native bf16 kernel, else torch.mv —
+    both far ahead of F.linear at one row); several rows (prefill) use a oneDNN-prepacked copy of
+    the weight (see DenseKernel);
   * the fused expert weights → KernelExperts: one [out, in] kernel per expert, so a token only
     touches its expert's weights (no grouped GEMM machinery for a handful of tokens);
   * MoE → FastMoE: a subclass whose single-token path (decode at batch 1) indexes the chosen
@@ -43,7 +44,7 @@ def dense_matvec(w: torch.Tensor):
 
     if (w.dtype == torch.bfloat16 and w.device.type == "cpu" and w.shape[1] % native.BLOCK == 0
             and native.bf16_available()):
-        return functools.partial(native.bf16_gemv, w)
+        return functools.partial(native.op("bf16_gemv"), w)
     return functools.partial(torch.mv, w)
 
 

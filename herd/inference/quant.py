@@ -9,28 +9,30 @@ What is quantized: every nn.Linear of the text decoder except the MoE routers (t
 decisions should not move), the LM head, and the routed experts (each expert's [out, in] matrix
 separately, per output channel). Embeddings, norms, the vision tower and the projector keep the
 compute dtype. Activations stay in the compute dtype (bf16 or fp32) unless int8 activations are
-asked for (Int8Kernel.set_activations; decode-sized products only): products dequantize on the
-fly — `aten._weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` for a few rows (decode, where
-reading half or a quarter of the bytes is what makes it faster), and for many rows (prefill,
-large batches) blocks of ~4 MiB of dequantized rows, each used by one GEMM while in cache.
+asked for (Int8Kernel.set_activations; decode-sized products only). One row (decode at batch 1)
+runs on herd's native kernels where they load (herd.inference.native: int8 rows against the
+activations held as int16 per block of 64 — weight-only in effect — or, with int8 activations, as
+int8 per block of 64 on VNNI, like llama.cpp's Q8_0); otherwise, and for a few rows, products
+dequantize on the fly in torch's kernels (`aten._weight_int8pack_mm`, fbgemm's dynamic linear,
+`_weight_int4pack_mm_for_cpu`), and for many rows (prefill, large batches) blocks of ~4 MiB of
+dequantized rows, each used by one GEMM while in cache.
 
 int8: w ≈ q · s, q ∈ [-127, 127], one scale per output channel.
 int4: w ≈ (q − 8) · s + z per group of `group_size` inputs, q ∈ [0, 15] (the layout torch's CPU
 int4 kernel takes); stored two per byte, low nibble first.
 
-Measured on this project's 2-core machine (Xeon, AVX-512/AMX/VNNI, ~20 GB/s reads), decode at
-batch 1 of a 123M-active model: weight-only int8 runs at about the speed of bf16 — torch's int8
-kernel converts every weight to float and is compute-bound (6–10 GB/s of int8, against 12–17 GB/s
-of bf16 for torch.mv) — so it halves the weight memory but does not speed decode up. With int8
-activations (`activations="int8"`, fbgemm's dynamic linear on int8 dot-product instructions) the
-same weights stream 2–3× faster; int4 is ~1.6× faster than bf16 (see benchmarks/decode.py).
+Measured on this project's 2-core machine (Xeon, AVX-512/AMX/VNNI, ~20–29 GB/s reads), decode at
+batch 1 of a 123M-active model (benchmarks/decode.py, vs_llamacpp.py): torch's own weight-only int8
+kernel widens every weight to float and is compute-bound (~10 GB/s of int8, slower per byte than
+bf16), so int8 only pays with the native kernels (18–26 GB/s): then int8 decodes ~1.7× faster than
+bf16, at llama.cpp's Q8_0 speed. int4 stays on torch's kernel.
 
 On disk (checkpoint layout of herd.save_model, plus):
   <linear>.qweight int8 [out, in] | uint8 [out, in/2]   <linear>.scales [out] | [out, in/g]
   <linear>.zeros [out, in/g] (int4)                    <linear>.bias (if any)
   <experts>.gate_up_qweight [E, 2I, H(/2)] …           <experts>.down_qweight [E, H, I(/2)] …
 and config.json gets "quantization_config": {"quant_method": "herd", "bits", "group_size", "modules",
-"activations" (null: weight-only; "int8": decode quantizes activations per row, see Int8Kernel)}.
+"activations" (null: weight-only; "int8": decode quantizes activations, see Int8Kernel)}.
 """
 
 from __future__ import annotations
@@ -156,8 +158,8 @@ class Int8Kernel:
         from herd.inference import native
 
         if native.supports(self.q):
-            op = native.w8a8_gemv if self.packed is not None else native.w8a16_gemv
-            return functools.partial(op, self.q, self.s32)
+            return functools.partial(native.op("w8a8_gemv" if self.packed is not None else "w8a16_gemv"),
+                                     self.q, self.s32)
         return lambda x: self(x[None])[0]
 
     def dequantize(self, a: int = 0, b: int | None = None) -> torch.Tensor:

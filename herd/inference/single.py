@@ -2,8 +2,9 @@
 `optimize_for_inference` (bf16, or int8/int4 weights), with the per-token Python work hoisted.
 
 At batch 1 the step is bound by reading the weights (~246 MB of bf16 for the 123M-active benchmark
-model), and everything else is overhead: ~120 small tensor ops per layer through nn.Module calls in
-the general path. This step runs the same maths with about half the ops and no module calls:
+model; the products run on herd's native kernels where they load, herd.inference.native), and
+everything else is overhead: ~120 small tensor ops per layer through nn.Module calls in the general
+path. This step runs the same maths with about half the ops and no module calls:
   * everything that does not depend on the token is looked up once, when the step is built
     (kernels, norm weights, per-layer flags); the RoPE rotation and the NoPE temperature are
     computed once per token, not once per layer;
@@ -11,7 +12,11 @@ the general path. This step runs the same maths with about half the ops and no m
     rotated together (one 2×2 rotation per pair, built once per token) and QK-normed together;
   * the router's top-1 by argmax (no sort), then only the chosen expert's two matrices are read
     (a list of per-expert weights, indexed: no gather, no copy); the LM head is one product.
-Roundings match the general path (same casts in the same places), so logits agree with it.
+Roundings match the general path (same casts in the same places), so logits agree with it bit for
+bit. Where herd's native ops load (herd.inference.native), the elementwise work between the
+products runs on them instead — norm, RoPE + QK-norm + temperature, SwiGLU: one call each, ~25
+fewer ops per layer, the same roundings but float32 sums in another order, so logits then agree to
+rounding (SingleDecoder(model, native_glue=False) keeps the torch ops).
 
 The cache protocol (begin / attend / end) is the same one the model uses: masks, chunk rings and
 int8 keys/values all work unchanged.
@@ -83,10 +88,46 @@ def ffn(h, x, gate_up, down, e_gate_up=None, e_down=None, gate=None):
     return h + y
 
 
+# ----- the same three steps on herd's native elementwise ops (herd.inference.native) ----------------
+# One call each for the norm, the RoPE/QK-norm/temperature of q and k, and SwiGLU's silu(g)·u, with
+# the torch path's roundings at the same places: ~25 fewer torch ops per layer. float32 sums may
+# differ from torch's in their last bit, so logits match the torch path to rounding, not bitwise.
+def _norm_native(x, w, eps: float):
+    return torch.ops.herd_native.rms_norm(x, w, eps)
+
+
+def attention_in_native(h, ln_w, eps: float, qkv, qkv_b, cos, sin, scale: float, n_heads: int, n_kv: int,
+                        rope: bool, qk_norm: bool, temp: bool):
+    """attention_in with cos/sin [D/2] (float32) instead of the 2×2 rotations, scale a float."""
+    qkv = _lin(qkv, _norm_native(h, ln_w, eps), qkv_b)  # [(h + 2kv)·D]
+    return torch.ops.herd_native.attention_prep(qkv, cos, sin, n_heads, n_kv, rope, qk_norm, eps, scale, temp)
+
+
+def attention_out_native(h, attn, o, o_b, ln_w, eps: float, router):
+    h = h + _lin(o, attn, o_b)
+    x = _norm_native(h, ln_w, eps)
+    return h, x, (None if router is None else _lin(router, x))
+
+
+def ffn_native(h, x, gate_up, down, e_gate_up=None, e_down=None, gate=None):
+    y = _lin(down, torch.ops.herd_native.swiglu(_lin(gate_up, x)))
+    if e_gate_up is not None:
+        y = y + _lin(e_down, torch.ops.herd_native.swiglu(_lin(e_gate_up, x * gate)))
+    return h + y
+
+
+def native_glue_available(dtype: torch.dtype) -> bool:
+    """Can the step run its elementwise work on herd's native ops (loaded, float32/bf16 model)?"""
+    from herd.inference import native
+
+    return dtype in (torch.float32, torch.bfloat16) and native.available()
+
+
 class SingleDecoder:
     """decoder(token [1, 1], cache) → logits [1, vocab] for a model prepared by optimize_for_inference."""
 
-    def __init__(self, model, compile: bool = False):
+    def __init__(self, model, compile: bool = False, native_glue: bool | None = None):
+        """native_glue: the elementwise work on herd's native ops (None: where they load)."""
         from herd.inference.fast import FastMoE, KernelExperts
 
         lm = model.language_model
@@ -120,7 +161,10 @@ class SingleDecoder:
                 bias=None if moe is None or not bool(moe.expert_bias.any()) else moe.expert_bias,
                 experts=experts,
                 ffn=dict(gate_up=_kernel_arg(mlp.gate_up), down=_kernel_arg(mlp.down_proj))))
-        fns = (attention_in, attention_out, ffn)
+        self.native = native_glue_available(model.dtype) if native_glue is None else native_glue
+        if self.native and not native_glue_available(model.dtype):
+            raise ValueError("native_glue=True needs herd's native ops and a float32 or bf16 model")
+        fns = (attention_in_native, attention_out_native, ffn_native) if self.native else (attention_in, attention_out, ffn)
         if compile:
             fns = tuple(torch.compile(f, dynamic=False) for f in fns)
         self._attention_in, self._attention_out, self._ffn = fns
@@ -129,13 +173,17 @@ class SingleDecoder:
     def __call__(self, token: torch.Tensor, cache) -> torch.Tensor:
         positions = torch.tensor([cache.next_position])  # [1]
         cos, sin = rope_angles(positions, self.inv_freq)  # [1, D/2] float32: once per token, not per layer
-        rot = torch.stack((torch.stack((cos[0], -sin[0]), -1), torch.stack((sin[0], cos[0]), -1)), -2)  # [D/2, 2, 2]
         scale = temperature_scale(positions, *self.temp)[0]  # NoPE layers' query scale (float32)
+        if self.native:
+            angles = dict(cos=cos[0].contiguous(), sin=sin[0].contiguous(), scale=float(scale))
+        else:
+            rot = torch.stack((torch.stack((cos[0], -sin[0]), -1), torch.stack((sin[0], cos[0]), -1)), -2)  # [D/2, 2, 2]
+            angles = dict(rot=rot, scale=scale)
         nh, nkv, D = self.n_heads, self.n_kv, self.head_dim
         h = self.embed[token.view(())]  # [H]
         cache.begin(positions)
         for i, L in enumerate(self.layers):
-            q, k, v = self._attention_in(h, rot=rot, scale=scale, **L["attn_in"])
+            q, k, v = self._attention_in(h, **angles, **L["attn_in"])
             out = cache.attend(i, q.view(1, nh, 1, D), k.view(1, nkv, 1, D), v.view(1, nkv, 1, D), positions,
                                chunk=L["chunk"])  # [1, h, 1, D]
             h, x, logits = self._attention_out(h, out.view(nh * D), **L["attn_out"])
@@ -148,4 +196,5 @@ class SingleDecoder:
             gu, dn = L["experts"]
             h = self._ffn(h, x, e_gate_up=gu[e], e_down=dn[e], gate=gate, **L["ffn"])
         cache.end()
-        return _lin(self.lm_head, _norm(h, self.norm_w, self.eps))[None]  # [1, vocab]
+        norm = _norm_native if self.native else _norm
+        return _lin(self.lm_head, norm(h, self.norm_w, self.eps))[None]  # [1, vocab]

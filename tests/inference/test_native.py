@@ -200,3 +200,45 @@ def test_the_cache_decodes_one_row_through_native_attention():
     cfg = model_config()
     assert KVCache(cfg, 1, 8)._native_decode is native.op("decode_attention")
     assert KVCache(cfg, 1, 8, dtype=torch.float16)._native_decode is None  # other dtypes: flash attention
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_elementwise_ops_match_the_torch_step(dtype):
+    """rms_norm / attention_prep / swiglu against the torch functions of herd.inference.single that
+    they replace: the same roundings, so at most one unit in the last place apart (float32 sums may
+    round differently), and in bf16 equal almost everywhere."""
+    from herd.inference.single import _norm, attention_in
+
+    assert native.available(), native.why_unavailable()
+    ops = torch.ops.herd_native
+    g = torch.Generator().manual_seed(7)
+
+    def close(a, b):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        ulp = 2 ** -7 if dtype == torch.bfloat16 else 2 ** -22
+        assert ((a.float() - b.float()).abs() <= ulp * b.float().abs() + 1e-30).all()
+        if dtype == torch.bfloat16:  # a float32 difference in the last bit rarely moves a bf16 rounding
+            assert (a == b).float().mean().item() > 0.97
+
+    x, w = torch.randn(200, generator=g).to(dtype) * 3, torch.randn(200, generator=g).to(dtype)
+    close(ops.rms_norm(x, w, 1e-5), _norm(x, w, 1e-5))
+
+    h, kv, D = 4, 2, 16
+    qkv = torch.randn((h + 2 * kv) * D, generator=g).to(dtype)
+    ang = torch.rand(D // 2, generator=g) * 6
+    cos, sin = ang.cos(), ang.sin()
+    rot = torch.stack((torch.stack((cos, -sin), -1), torch.stack((sin, cos), -1)), -2)
+    for rope, qk_norm, temp in [(True, True, False), (False, False, True), (True, False, True)]:
+        # attention_in = norm, projection, then RoPE / QK-norm / temperature; with an identity
+        # projection its q, k, v are attention_prep's of the normed input
+        want = attention_in(qkv, torch.ones_like(qkv), 1e-5, lambda t: t, None, rot, torch.tensor(1.7), h, kv,
+                            rope, qk_norm, temp)
+        normed = _norm(qkv, torch.ones_like(qkv), 1e-5)
+        got = ops.attention_prep(normed, cos, sin, h, kv, rope, qk_norm, 1e-5, 1.7, temp)
+        for a, b in zip(got, want):
+            close(a, b.reshape(a.shape))
+
+    gu = torch.randn(256, generator=g).to(dtype) * 4
+    gate, up = gu.chunk(2)
+    close(ops.swiglu(gu), F.silu(gate) * up)

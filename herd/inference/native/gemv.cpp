@@ -1,4 +1,5 @@
-// herd's native CPU kernels: matrix-vector products for decode at batch 1 (bf16 and int8 weights).
+// herd's native CPU kernels for decode at batch 1: matrix-vector products (bf16 and int8 weights),
+// single-query attention over the KV cache, and the step's elementwise work (norm, RoPE, SwiGLU).
 //
 // Decode at batch 1 reads every active weight once per token, so its speed is the rate at which a
 // kernel streams weights from memory. torch.mv streams bf16 at ~23 GB/s on this project's machine;
@@ -465,6 +466,125 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return out;
 }
 
+// ---- the decode step's elementwise work ---------------------------------------------------------
+// What herd/inference/single.py otherwise runs as ~25 small torch ops per layer, in one call each,
+// with the same roundings to the model's dtype at the same places (float32 arithmetic in between;
+// sums may differ from torch's in the last float32 bit, so results match to rounding, not bitwise).
+
+template <typename T>
+inline T cast(float v) { return static_cast<T>(v); }  // float32 → bf16 rounds to nearest even
+
+template <typename T>
+float sum_squares(const T* x, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16) {
+    const __m512 v = load16(x + k);
+    acc = _mm512_fmadd_ps(v, v, acc);
+  }
+  float s = _mm512_reduce_add_ps(acc);
+  for (; k < n; k++) s += static_cast<float>(x[k]) * static_cast<float>(x[k]);
+  return s;
+}
+
+// y = dtype(x · rsqrt(mean(x²) + eps)) [· w]: herd.model.llama4.RMSNorm (and QK-norm without w)
+template <typename T>
+void rms_norm_into(const T* x, const T* w, T* y, int64_t n, float eps) {
+  const float r = 1.f / std::sqrt(sum_squares(x, n) / n + eps);
+  for (int64_t k = 0; k < n; k++) {
+    const T v = cast<T>(static_cast<float>(x[k]) * r);
+    y[k] = w ? cast<T>(static_cast<float>(v) * static_cast<float>(w[k])) : v;
+  }
+}
+
+void check_vector(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 1 && t.is_contiguous() && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16),
+              name, " must be a contiguous float32 or bf16 vector");
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  check_vector(x, "x");
+  check_vector(w, "w");
+  TORCH_CHECK(x.sizes() == w.sizes() && x.scalar_type() == w.scalar_type(), "x and w must match in size and dtype");
+  auto y = at::empty_like(x);
+  if (x.scalar_type() == at::kFloat)
+    rms_norm_into(x.data_ptr<float>(), w.data_ptr<float>(), y.data_ptr<float>(), x.size(0), eps);
+  else
+    rms_norm_into(x.data_ptr<at::BFloat16>(), w.data_ptr<at::BFloat16>(), y.data_ptr<at::BFloat16>(), x.size(0), eps);
+  return y;
+}
+
+// qkv [(h + 2kv)·D] (after the projection and its bias) → q [h, D], k [kv, D], v [kv, D] as
+// herd.inference.single.attention_in computes them: interleaved-pair RoPE (x0·c − x1·s, x0·s + x1·c)
+// rounded; QK-norm over each head's D values, rounded; q · scale (attention temperature), rounded.
+template <typename T>
+void attention_prep_into(const T* qkv, const float* c, const float* s, T* q, T* k, T* v, int64_t h, int64_t kv,
+                         int64_t D, bool rope, bool qk_norm, float eps, float scale, bool temp) {
+  std::vector<T> row(D);
+  for (int64_t r = 0; r < h + kv; r++) {
+    const T* x = qkv + r * D;
+    T* out = r < h ? q + r * D : k + (r - h) * D;
+    std::copy(x, x + D, row.begin());
+    if (rope)
+      for (int64_t i = 0; i < D / 2; i++) {
+        const float x0 = static_cast<float>(x[2 * i]), x1 = static_cast<float>(x[2 * i + 1]);
+        const float a = x0 * c[i], b = x1 * s[i], a2 = x0 * s[i], b2 = x1 * c[i];
+        row[2 * i] = cast<T>(a - b);
+        row[2 * i + 1] = cast<T>(a2 + b2);
+      }
+    if (qk_norm) rms_norm_into<T>(row.data(), nullptr, row.data(), D, eps);
+    if (temp && r < h)
+      for (int64_t d = 0; d < D; d++) row[d] = cast<T>(static_cast<float>(row[d]) * scale);
+    std::copy(row.begin(), row.end(), out);
+  }
+  std::copy(qkv + (h + kv) * D, qkv + (h + 2 * kv) * D, v);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_prep(const at::Tensor& qkv, const at::Tensor& cos,
+                                                              const at::Tensor& sin, int64_t h, int64_t kv,
+                                                              bool rope, bool qk_norm, double eps, double scale,
+                                                              bool temp) {
+  check_vector(qkv, "qkv");
+  TORCH_CHECK(h > 0 && kv > 0 && qkv.size(0) % (h + 2 * kv) == 0, "qkv must hold h + 2·kv heads");
+  const int64_t D = qkv.size(0) / (h + 2 * kv);
+  TORCH_CHECK(D % 2 == 0, "head_dim must be even");
+  TORCH_CHECK(!rope || (cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
+                        sin.is_contiguous() && cos.numel() == D / 2 && sin.numel() == D / 2),
+              "cos and sin must be contiguous float32 [head_dim / 2]");
+  auto q = at::empty({h, D}, qkv.options()), k = at::empty({kv, D}, qkv.options()), v = at::empty({kv, D}, qkv.options());
+  const float* c = rope ? cos.data_ptr<float>() : nullptr;
+  const float* s = rope ? sin.data_ptr<float>() : nullptr;
+  if (qkv.scalar_type() == at::kFloat)
+    attention_prep_into(qkv.data_ptr<float>(), c, s, q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
+                        h, kv, D, rope, qk_norm, eps, scale, temp);
+  else
+    attention_prep_into(qkv.data_ptr<at::BFloat16>(), c, s, q.data_ptr<at::BFloat16>(), k.data_ptr<at::BFloat16>(),
+                        v.data_ptr<at::BFloat16>(), h, kv, D, rope, qk_norm, eps, scale, temp);
+  return {q, k, v};
+}
+
+// gate_up [2I] → silu(gate) · up [I], each rounded to the dtype as torch rounds F.silu(g) * u.
+template <typename T>
+void swiglu_into(const T* gu, T* y, int64_t I) {
+  for (int64_t i = 0; i < I; i++) {
+    const float g = static_cast<float>(gu[i]);
+    const T act = cast<T>(g / (1.f + std::exp(-g)));
+    y[i] = cast<T>(static_cast<float>(act) * static_cast<float>(gu[I + i]));
+  }
+}
+
+at::Tensor swiglu(const at::Tensor& gate_up) {
+  check_vector(gate_up, "gate_up");
+  TORCH_CHECK(gate_up.size(0) % 2 == 0, "gate_up must have an even length");
+  const int64_t I = gate_up.size(0) / 2;
+  auto y = at::empty({I}, gate_up.options());
+  if (gate_up.scalar_type() == at::kFloat)
+    swiglu_into(gate_up.data_ptr<float>(), y.data_ptr<float>(), I);
+  else
+    swiglu_into(gate_up.data_ptr<at::BFloat16>(), y.data_ptr<at::BFloat16>(), I);
+  return y;
+}
+
 }  // namespace
 
 // Schemas here, CPU kernels below; herd/inference/native/__init__.py registers their shapes for
@@ -474,6 +594,10 @@ TORCH_LIBRARY(herd_native, m) {
   m.def("bf16_gemv(Tensor w, Tensor x) -> Tensor");
   m.def("w8a16_gemv(Tensor q, Tensor s, Tensor x) -> Tensor");
   m.def("w8a8_gemv(Tensor q, Tensor s, Tensor x) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
+  m.def("attention_prep(Tensor qkv, Tensor cos, Tensor sin, int h, int kv, bool rope, bool qk_norm, float eps, "
+        "float scale, bool temp) -> (Tensor, Tensor, Tensor)");
+  m.def("swiglu(Tensor gate_up) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(herd_native, CPU, m) {
@@ -481,4 +605,7 @@ TORCH_LIBRARY_IMPL(herd_native, CPU, m) {
   m.impl("bf16_gemv", bf16);
   m.impl("w8a16_gemv", w8a16);
   m.impl("w8a8_gemv", w8a8);
+  m.impl("rms_norm", rms_norm);
+  m.impl("attention_prep", attention_prep);
+  m.impl("swiglu", swiglu);
 }
