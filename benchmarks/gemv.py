@@ -40,7 +40,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if not native.available():
         raise SystemExit(f"herd's native kernels are not available: {native.why_unavailable()}")
-    print(f"# matrix-vector products, {args.gib} GiB weights — {machine()}, {args.threads} threads; "
+    print(f"# matrix-vector products, {args.gib} GiB weights — {machine()}; "
           f"load average {load_average().split()[0]}")
     K = 1024
     n8 = int(args.gib * 2**30) // K  # rows of an int8 matrix of that size
