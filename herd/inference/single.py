@@ -164,7 +164,8 @@ class SingleDecoder:
         self.native = native_glue_available(model.dtype) if native_glue is None else native_glue
         if self.native and not native_glue_available(model.dtype):
             raise ValueError("native_glue=True needs herd's native ops and a float32 or bf16 model")
-        fns = (attention_in_native, attention_out_native, ffn_native) if self.native else (attention_in, attention_out, ffn)
+        fns = ((attention_in_native, attention_out_native, ffn_native) if self.native
+               else (attention_in, attention_out, ffn))
         if compile:
             fns = tuple(torch.compile(f, dynamic=False) for f in fns)
         self._attention_in, self._attention_out, self._ffn = fns
@@ -177,7 +178,8 @@ class SingleDecoder:
         if self.native:
             angles = dict(cos=cos[0].contiguous(), sin=sin[0].contiguous(), scale=float(scale))
         else:
-            rot = torch.stack((torch.stack((cos[0], -sin[0]), -1), torch.stack((sin[0], cos[0]), -1)), -2)  # [D/2, 2, 2]
+            c, s = cos[0], sin[0]
+            rot = torch.stack((torch.stack((c, -s), -1), torch.stack((s, c), -1)), -2)  # [D/2, 2, 2]
             angles = dict(rot=rot, scale=scale)
         nh, nkv, D = self.n_heads, self.n_kv, self.head_dim
         h = self.embed[token.view(())]  # [H]
