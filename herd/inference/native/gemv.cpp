@@ -97,113 +97,95 @@ inline float scale_block(const float* x, float levels, __m512i v[4]) {
 // weight to float, which keeps the loop bound by memory, not by arithmetic.
 struct Int16X {
   std::vector<int16_t> v;    // [K]
-  std::vector<float> scale;  // [K/64]
-};
+  std::vector<float> scale;  // d [K/64]
 
-Int16X quantize_x16(const std::vector<float>& x) {
-  const int64_t K = static_cast<int64_t>(x.size()), B = K / kBlock;
-  Int16X out{std::vector<int16_t>(K), std::vector<float>(B)};
-  for (int64_t b = 0; b < B; b++) {
-    __m512i v[4];
-    out.scale[b] = scale_block(x.data() + b * kBlock, 32767.f, v);
-    for (int c = 0; c < 4; c++)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.v.data() + b * kBlock + 16 * c), _mm512_cvtepi32_epi16(v[c]));
-  }
-  return out;
-}
-
-template <int R, typename Out>
-void w8a16_rows(const int8_t* q, const float* s, const Int16X& xq, Out* y, int64_t n, int64_t K) {
-  __m512 acc[R];
-  for (int i = 0; i < R; i++) acc[i] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < K / kBlock; b++) {
-    const __m512i x0 = _mm512_loadu_si512(xq.v.data() + b * kBlock), x1 = _mm512_loadu_si512(xq.v.data() + b * kBlock + 32);
-    const __m512 d = _mm512_set1_ps(xq.scale[b]);
-    for (int i = 0; i < R; i++) {
-      const int8_t* row = q + (n + i) * K + b * kBlock;
-      prefetch(row + R * K);
-      const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row)));
-      const __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32)));
-      __m512i dot = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w0, x0);
-      dot = _mm512_dpwssd_epi32(dot, w1, x1);
-      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), d, acc[i]);
+  static Int16X quantize(const std::vector<float>& x) {
+    const int64_t K = static_cast<int64_t>(x.size()), B = K / kBlock;
+    Int16X out{std::vector<int16_t>(K), std::vector<float>(B)};
+    for (int64_t b = 0; b < B; b++) {
+      __m512i v[4];
+      out.scale[b] = scale_block(x.data() + b * kBlock, 32767.f, v);
+      for (int c = 0; c < 4; c++)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.v.data() + b * kBlock + 16 * c), _mm512_cvtepi32_epi16(v[c]));
     }
+    return out;
   }
-  for (int i = 0; i < R; i++) y[n + i] = static_cast<Out>(s[n + i] * _mm512_reduce_add_ps(acc[i]));
-}
 
-at::Tensor w8a16(const at::Tensor& q, const at::Tensor& s, const at::Tensor& x) {
-  check(q, s, x);
-  const int64_t N = q.size(0), K = q.size(1);
-  const Int16X xq = quantize_x16(to_float(x));
-  const int8_t* Q = q.data_ptr<int8_t>();
-  const float* S = s.data_ptr<float>();
-  return over_rows(N, x, [&](auto* y, int64_t b, int64_t e) {
-    int64_t n = b;
-    for (; n + kRows <= e; n += kRows) w8a16_rows<kRows>(Q, S, xq, y, n, K);
-    for (; n < e; n++) w8a16_rows<1>(Q, S, xq, y, n, K);
-  });
-}
+  // Σ q·xq over block b of one row, as 16 int32 partial sums
+  __m512i dot(const int8_t* row, int64_t b) const {
+    const int16_t* xb = v.data() + b * kBlock;
+    const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row)));
+    const __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32)));
+    const __m512i d = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512(xb));
+    return _mm512_dpwssd_epi32(d, w1, _mm512_loadu_si512(xb + 32));
+  }
+};
 
 // ---- w8a8 ----------------------------------------------------------------------------------------
 // dpbusd multiplies unsigned by signed bytes, so x is stored as |xq| (unsigned) and its signs move
 // onto the weights: q·xq = (±q)·|xq|. q ∈ [-127, 127], so negating a weight never overflows.
-struct QuantizedX {
+struct Int8X {
   std::vector<uint8_t> mag;    // |xq| [K]
   std::vector<uint64_t> sign;  // bit k%64 of word k/64: xq[k] < 0
   std::vector<float> scale;    // d [K/64]
+
+  static Int8X quantize(const std::vector<float>& x) {
+    const int64_t K = static_cast<int64_t>(x.size()), B = K / kBlock;
+    Int8X out{std::vector<uint8_t>(K), std::vector<uint64_t>(B), std::vector<float>(B)};
+    for (int64_t b = 0; b < B; b++) {
+      __m512i v[4];
+      out.scale[b] = scale_block(x.data() + b * kBlock, 127.f, v);
+      uint64_t sign = 0;
+      for (int c = 0; c < 4; c++) {  // |v| ≤ 127 as bytes, and the sign bits
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out.mag.data() + b * kBlock + 16 * c),
+                         _mm512_cvtepi32_epi8(_mm512_abs_epi32(v[c])));
+        sign |= uint64_t(_mm512_cmplt_epi32_mask(v[c], _mm512_setzero_si512())) << (16 * c);
+      }
+      out.sign[b] = sign;
+    }
+    return out;
+  }
+
+  __m512i dot(const int8_t* row, int64_t b) const {
+    const __m512i zero = _mm512_setzero_si512();
+    const __m512i w = _mm512_loadu_si512(row);
+    const __m512i signed_w = _mm512_mask_sub_epi8(w, sign[b], zero, w);                 // ±q
+    return _mm512_dpbusd_epi32(zero, _mm512_loadu_si512(mag.data() + b * kBlock), signed_w);  // 16 sums of 4
+  }
 };
 
-QuantizedX quantize_x(const std::vector<float>& x) {
-  const int64_t K = static_cast<int64_t>(x.size()), B = K / kBlock;
-  QuantizedX out{std::vector<uint8_t>(K), std::vector<uint64_t>(B), std::vector<float>(B)};
-  for (int64_t b = 0; b < B; b++) {
-    __m512i v[4];
-    out.scale[b] = scale_block(x.data() + b * kBlock, 127.f, v);
-    uint64_t sign = 0;
-    for (int c = 0; c < 4; c++) {  // |v| ≤ 127 as bytes, and the sign bits
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(out.mag.data() + b * kBlock + 16 * c),
-                       _mm512_cvtepi32_epi8(_mm512_abs_epi32(v[c])));
-      sign |= uint64_t(_mm512_cmplt_epi32_mask(v[c], _mm512_setzero_si512())) << (16 * c);
-    }
-    out.sign[b] = sign;
-  }
-  return out;
-}
-
-template <int R, typename Out>
-void w8a8_rows(const int8_t* q, const float* s, const QuantizedX& xq, Out* y, int64_t n, int64_t K) {
+// ---- both: y[n] = s[n] · Σ_b d[b] · (int32 block sum), R rows at a time ------------------------------
+template <int R, typename X, typename Out>
+void int8_rows(const int8_t* q, const float* s, const X& xq, Out* y, int64_t n, int64_t K) {
   __m512 acc[R];
   for (int i = 0; i < R; i++) acc[i] = _mm512_setzero_ps();
-  const __m512i zero = _mm512_setzero_si512();
   for (int64_t b = 0; b < K / kBlock; b++) {
-    const __m512i mag = _mm512_loadu_si512(xq.mag.data() + b * kBlock);
-    const __mmask64 neg = xq.sign[b];
     const __m512 d = _mm512_set1_ps(xq.scale[b]);
     for (int i = 0; i < R; i++) {
       const int8_t* row = q + (n + i) * K + b * kBlock;
       prefetch(row + R * K);
-      __m512i w = _mm512_loadu_si512(row);
-      w = _mm512_mask_sub_epi8(w, neg, zero, w);                   // ±q
-      const __m512i dot = _mm512_dpbusd_epi32(zero, mag, w);      // 16 sums of 4 products
-      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), d, acc[i]);
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(xq.dot(row, b)), d, acc[i]);
     }
   }
   for (int i = 0; i < R; i++) y[n + i] = static_cast<Out>(s[n + i] * _mm512_reduce_add_ps(acc[i]));
 }
 
-at::Tensor w8a8(const at::Tensor& q, const at::Tensor& s, const at::Tensor& x) {
+template <typename X>
+at::Tensor int8_gemv(const at::Tensor& q, const at::Tensor& s, const at::Tensor& x) {
   check(q, s, x);
   const int64_t N = q.size(0), K = q.size(1);
-  const QuantizedX xq = quantize_x(to_float(x));
+  const X xq = X::quantize(to_float(x));
   const int8_t* Q = q.data_ptr<int8_t>();
   const float* S = s.data_ptr<float>();
   return over_rows(N, x, [&](auto* y, int64_t b, int64_t e) {
     int64_t n = b;
-    for (; n + kRows <= e; n += kRows) w8a8_rows<kRows>(Q, S, xq, y, n, K);
-    for (; n < e; n++) w8a8_rows<1>(Q, S, xq, y, n, K);
+    for (; n + kRows <= e; n += kRows) int8_rows<kRows>(Q, S, xq, y, n, K);
+    for (; n < e; n++) int8_rows<1>(Q, S, xq, y, n, K);
   });
 }
+
+at::Tensor w8a16(const at::Tensor& q, const at::Tensor& s, const at::Tensor& x) { return int8_gemv<Int16X>(q, s, x); }
+at::Tensor w8a8(const at::Tensor& q, const at::Tensor& s, const at::Tensor& x) { return int8_gemv<Int8X>(q, s, x); }
 
 // ---- bf16 ----------------------------------------------------------------------------------------
 // y[n] = Σ_k w[n,k] · x[k] for bf16 w and x: vdpbf16ps multiplies 32 bf16 pairs exactly and adds
@@ -290,6 +272,8 @@ inline __m512 hsum16(const __m512 v[16]) {
 // Scores of g query heads against n keys (k rows k_stride apart) into sc [g, kKeys], 16 keys at a
 // time: each q·k as a vector of 16 partial sums, then hsum16 turns 16 of them into 16 scores.
 // float32: FMAs; bf16: vdpbf16ps over the bf16 q and k themselves (exact products, float32 sums).
+// Two bodies, not one template: the bf16 one is compiled for AVX512-BF16, which the float32 one must
+// not require (it runs on CPUs without it).
 constexpr int64_t kKeys = 512;  // keys per block (their scores stay in L1/L2)
 
 void block_scores(const float* q, const float* k, int64_t k_stride, int64_t g, int64_t n, int64_t D,
