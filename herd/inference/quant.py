@@ -24,8 +24,8 @@ int4 kernel takes); stored two per byte, low nibble first.
 Measured on this project's 2-core machine (Xeon, AVX-512/AMX/VNNI, ~20–29 GB/s reads), decode at
 batch 1 of a 123M-active model (benchmarks/decode.py, vs_llamacpp.py): torch's own weight-only int8
 kernel widens every weight to float and is compute-bound (~10 GB/s of int8, slower per byte than
-bf16), so int8 only pays with the native kernels (18–26 GB/s): then int8 decodes ~1.7× faster than
-bf16, at llama.cpp's Q8_0 speed. int4 stays on torch's kernel.
+bf16), so int8 only pays with the native kernels (18–26 GB/s): then int8 decodes ~1.8× faster than
+bf16 and 1.27× faster than llama.cpp's Q8_0 on the same machine. int4 stays on torch's kernel.
 
 On disk (checkpoint layout of herd.save_model, plus):
   <linear>.qweight int8 [out, in] | uint8 [out, in/2]   <linear>.scales [out] | [out, in/g]
@@ -124,11 +124,11 @@ class Int8Kernel:
     """y = x @ (q · s).T for int8 q [out, in] and scales [out] (in the compute dtype).
 
     One row (decode at batch 1) runs on herd's native kernels where they load
-    (herd.inference.native, K % 64 == 0): weight-only, int8 rows widened to float32 against the
-    exact activations (w8a16); with int8 activations, the row quantized per block of 64 values and
-    multiplied on VNNI int8 dot-product instructions (w8a8, the scheme of llama.cpp's Q8_0, which
-    uses blocks of 32). Both stream the int8 weight at 18–26 GB/s here where torch's kernels manage
-    9–13. Without them, one row and small batches (≤ SMALL_M rows) run on torch's
+    (herd.inference.native, K % 64 == 0): weight-only, the activation row held as int16 per block
+    of 64 values (finer than bf16 keeps it) against the int8 rows on VNNI (w8a16); with int8
+    activations, the row quantized to int8 per block of 64 (w8a8, the scheme of llama.cpp's Q8_0,
+    which uses blocks of 32). Both stream the int8 weight at 18–26 GB/s here where torch's kernels
+    manage 8–13. Without them, one row and small batches (≤ SMALL_M rows) run on torch's
     `_weight_int8pack_mm` (weight-only) or fbgemm's dynamic int8 linear (int8 activations, per-row
     scales); int8 activations add ~0.5% error per product on well-behaved activations.
     """
@@ -139,6 +139,7 @@ class Int8Kernel:
         self.q, self.s = q, s
         self.s32 = s.float()  # what the native kernels take
         self.out_features, self.in_features = q.shape
+        self.native = False  # does matvec run a native kernel? (set by _matvec)
         self.matvec = self._matvec()
 
     def set_activations(self, int8: bool) -> None:
@@ -157,7 +158,8 @@ class Int8Kernel:
         """x [in] → [out] for one row: a native kernel, else this kernel's general call."""
         from herd.inference import native
 
-        if native.supports(self.q):
+        self.native = native.supports(self.q)
+        if self.native:
             return functools.partial(native.op("w8a8_gemv" if self.packed is not None else "w8a16_gemv"),
                                      self.q, self.s32)
         return lambda x: self(x[None])[0]
@@ -169,7 +171,7 @@ class Int8Kernel:
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] == 1 and isinstance(self.matvec, functools.partial):  # a native kernel
+        if x2.shape[0] == 1 and self.native:
             y = self.matvec(x2[0])[None]
         elif x2.shape[0] <= SMALL_M and self.packed is not None:
             y = torch.ops.quantized.linear_dynamic(x2.float(), self.packed, REDUCE_RANGE).to(x.dtype)
