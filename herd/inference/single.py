@@ -70,25 +70,29 @@ def attention_in(h, ln_w, eps: float, qkv, qkv_b, rot, scale, n_heads: int, n_kv
     return q, k, v
 
 
-def attention_out(h, attn, o, o_b, ln_w, eps: float, router):
+def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [2I] → silu(gate) · up [I], as herd.model.moe.SwiGLU computes it."""
+    g, u = gate_up.chunk(2, dim=-1)
+    return F.silu(g) * u
+
+
+def attention_out(h, attn, o, o_b, ln_w, eps: float, router, norm=_norm):
     """Residual after attention and the FFN's input: h [H], attention output [h·D] →
     (h [H], x = norm(h) [H], router logits [E] or None)."""
     h = h + _lin(o, attn, o_b)
-    x = _norm(h, ln_w, eps)
+    x = norm(h, ln_w, eps)
     return h, x, (None if router is None else _lin(router, x))
 
 
-def ffn(h, x, gate_up, down, e_gate_up=None, e_down=None, gate=None):
+def ffn(h, x, gate_up, down, e_gate_up=None, e_down=None, gate=None, swiglu=_swiglu):
     """h + shared expert / dense MLP of x [+ the routed expert of x · gate] → [H]."""
-    g, u = _lin(gate_up, x).chunk(2, dim=-1)
-    y = _lin(down, F.silu(g) * u)
+    y = _lin(down, swiglu(_lin(gate_up, x)))
     if e_gate_up is not None:
-        g, u = _lin(e_gate_up, x * gate).chunk(2, dim=-1)
-        y = y + _lin(e_down, F.silu(g) * u)
+        y = y + _lin(e_down, swiglu(_lin(e_gate_up, x * gate)))
     return h + y
 
 
-# ----- the same three steps on herd's native elementwise ops (herd.inference.native) ----------------
+# ----- herd's native elementwise ops (herd.inference.native) in place of the torch ones --------------
 # One call each for the norm, the RoPE/QK-norm/temperature of q and k, and SwiGLU's silu(g)·u, with
 # the torch path's roundings at the same places: ~25 fewer torch ops per layer. float32 sums may
 # differ from torch's in their last bit, so logits match the torch path to rounding, not bitwise.
@@ -96,24 +100,15 @@ def _norm_native(x, w, eps: float):
     return torch.ops.herd_native.rms_norm(x, w, eps)
 
 
+def _swiglu_native(gate_up):
+    return torch.ops.herd_native.swiglu(gate_up)
+
+
 def attention_in_native(h, ln_w, eps: float, qkv, qkv_b, cos, sin, scale: float, n_heads: int, n_kv: int,
                         rope: bool, qk_norm: bool, temp: bool):
     """attention_in with cos/sin [D/2] (float32) instead of the 2×2 rotations, scale a float."""
     qkv = _lin(qkv, _norm_native(h, ln_w, eps), qkv_b)  # [(h + 2kv)·D]
     return torch.ops.herd_native.attention_prep(qkv, cos, sin, n_heads, n_kv, rope, qk_norm, eps, scale, temp)
-
-
-def attention_out_native(h, attn, o, o_b, ln_w, eps: float, router):
-    h = h + _lin(o, attn, o_b)
-    x = _norm_native(h, ln_w, eps)
-    return h, x, (None if router is None else _lin(router, x))
-
-
-def ffn_native(h, x, gate_up, down, e_gate_up=None, e_down=None, gate=None):
-    y = _lin(down, torch.ops.herd_native.swiglu(_lin(gate_up, x)))
-    if e_gate_up is not None:
-        y = y + _lin(e_down, torch.ops.herd_native.swiglu(_lin(e_gate_up, x * gate)))
-    return h + y
 
 
 def native_glue_available(dtype: torch.dtype) -> bool:
@@ -138,6 +133,10 @@ class SingleDecoder:
         self.inv_freq = model._inv_freq
         self.n_heads, self.n_kv, self.head_dim = tc.num_attention_heads, tc.num_key_value_heads, tc.head_dim
         self.temp = (tc.floor_scale, tc.attn_scale)
+        self.native = native_glue_available(model.dtype) if native_glue is None else native_glue
+        if self.native and not native_glue_available(model.dtype):
+            raise ValueError("native_glue=True needs herd's native ops and a float32 or bf16 model")
+        self.norm, swiglu = (_norm_native, _swiglu_native) if self.native else (_norm, _swiglu)
         self.layers = []
         for i, layer in enumerate(model.layers):
             a, ff = layer.self_attn, layer.feed_forward
@@ -156,16 +155,12 @@ class SingleDecoder:
                              rope=a.use_rope, qk_norm=a.qk_norm, temp=a.temperature_tuning),
                 chunk=a.chunk,
                 attn_out=dict(o=_kernel_arg(a.o_proj), o_b=a.o_proj.bias, ln_w=layer.post_attention_layernorm.weight,
-                              eps=layer.post_attention_layernorm.eps,
+                              eps=layer.post_attention_layernorm.eps, norm=self.norm,
                               router=None if moe is None else _kernel_arg(moe.router)),
                 bias=None if moe is None or not bool(moe.expert_bias.any()) else moe.expert_bias,
                 experts=experts,
-                ffn=dict(gate_up=_kernel_arg(mlp.gate_up), down=_kernel_arg(mlp.down_proj))))
-        self.native = native_glue_available(model.dtype) if native_glue is None else native_glue
-        if self.native and not native_glue_available(model.dtype):
-            raise ValueError("native_glue=True needs herd's native ops and a float32 or bf16 model")
-        fns = ((attention_in_native, attention_out_native, ffn_native) if self.native
-               else (attention_in, attention_out, ffn))
+                ffn=dict(gate_up=_kernel_arg(mlp.gate_up), down=_kernel_arg(mlp.down_proj), swiglu=swiglu)))
+        fns = (attention_in_native if self.native else attention_in, attention_out, ffn)
         if compile:
             fns = tuple(torch.compile(f, dynamic=False) for f in fns)
         self._attention_in, self._attention_out, self._ffn = fns
@@ -198,5 +193,4 @@ class SingleDecoder:
             gu, dn = L["experts"]
             h = self._ffn(h, x, e_gate_up=gu[e], e_down=dn[e], gate=gate, **L["ffn"])
         cache.end()
-        norm = _norm_native if self.native else _norm
-        return _lin(self.lm_head, norm(h, self.norm_w, self.eps))[None]  # [1, vocab]
+        return _lin(self.lm_head, self.norm(h, self.norm_w, self.eps))[None]  # [1, vocab]
