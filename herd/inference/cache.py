@@ -44,8 +44,7 @@ def _native_decode_attention(dtype: torch.dtype, device: torch.device, head_dim:
         return None
     from herd.inference import native
 
-    usable = native.bf16_available() if dtype == torch.bfloat16 else native.available()
-    return native.op("decode_attention") if usable else None
+    return native.op("decode_attention") if native.available_for(dtype) else None
 
 
 class KVCache:

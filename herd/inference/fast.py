@@ -42,8 +42,7 @@ def dense_matvec(w: torch.Tensor):
     streams ~29 GB/s here where torch.mv streams ~23), else torch.mv."""
     from herd.inference import native
 
-    if (w.dtype == torch.bfloat16 and w.device.type == "cpu" and w.shape[1] % native.BLOCK == 0
-            and native.bf16_available()):
+    if w.dtype == torch.bfloat16 and native.supports(w):
         return functools.partial(native.op("bf16_gemv"), w)
     return functools.partial(torch.mv, w)
 

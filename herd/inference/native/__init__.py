@@ -58,13 +58,17 @@ def _cache_dir() -> Path:
     return Path(root) / "native"
 
 
+def _compiler() -> str:
+    return os.environ.get("CXX", "g++")
+
+
 def _compile_command(out: Path) -> list[str]:
     from torch.utils import cpp_extension
 
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     includes = [f"-I{p}" for p in cpp_extension.include_paths()]
     libdir = os.path.join(os.path.dirname(torch.__file__), "lib")
-    return ([os.environ.get("CXX", "g++"), *COMPILE_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *includes,
+    return ([_compiler(), *COMPILE_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *includes,
              str(SOURCE), "-o", str(out), f"-L{libdir}", f"-Wl,-rpath,{libdir}", "-lc10", "-ltorch_cpu"])
 
 
@@ -98,7 +102,7 @@ def _load() -> tuple[bool, str | None]:
     missing = [f for f in CPU_FLAGS if f not in _cpu_flags()]
     if missing:
         return False, f"this CPU lacks {', '.join(missing)}"
-    if shutil.which(os.environ.get("CXX", "g++")) is None:
+    if shutil.which(_compiler()) is None:
         return False, "no C++ compiler (g++) on PATH"
     try:
         torch.ops.load_library(str(_build()))
@@ -135,14 +139,23 @@ def why_unavailable() -> str | None:
     return _load()[1]
 
 
-def supports(q: torch.Tensor) -> bool:
-    """Can the kernels take this int8 weight [N, K] (and are they loaded)?"""
-    return q.dim() == 2 and q.shape[1] % BLOCK == 0 and q.dtype == torch.int8 and available()
+def available_for(dtype: torch.dtype) -> bool:
+    """Are the kernels for data of this dtype usable here? bf16 arithmetic (bf16_gemv, bf16
+    attention) also needs AVX512-BF16; float32 and int8 need only the kernels loaded."""
+    return bf16_available() if dtype == torch.bfloat16 else available()
+
+
+def supports(w: torch.Tensor) -> bool:
+    """Can a native matrix-vector product take this weight [N, K]: int8 (w8a16 / w8a8) or bf16
+    (bf16_gemv), on the CPU, K % 64 == 0, with the kernels usable here?"""
+    return (w.dim() == 2 and w.device.type == "cpu" and w.shape[1] % BLOCK == 0
+            and w.dtype in (torch.int8, torch.bfloat16) and available_for(w.dtype))
 
 
 def op(name: str):
-    """The loaded kernel `name` (bf16_gemv, w8a16_gemv, w8a8_gemv) as a torch op, for binding into a
-    hot loop; raises RuntimeError with the reason when the kernels are not available."""
+    """The loaded kernel `name` (bf16_gemv, w8a16_gemv, w8a8_gemv, decode_attention, rms_norm,
+    attention_prep, swiglu) as a torch op, for binding into a hot loop; raises RuntimeError with the
+    reason when the kernels are not available."""
     if not available():
         raise RuntimeError(f"herd's native kernels are not available: {why_unavailable()}")
     return getattr(torch.ops.herd_native, name)

@@ -46,7 +46,17 @@ void check(const at::Tensor& q, const at::Tensor& s, const at::Tensor& x) {
   TORCH_CHECK(q.size(1) % kBlock == 0, "K must be a multiple of 64");
 }
 
-// x [K] (float32 or bfloat16) → float32 copy, contiguous
+template <typename T>
+inline __m512 load16(const T* p);
+template <>
+inline __m512 load16<float>(const float* p) { return _mm512_loadu_ps(p); }
+template <>
+inline __m512 load16<at::BFloat16>(const at::BFloat16* p) {  // bf16 → float32: the 16 bits on top
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// x [K] (float32 or bfloat16, K % 16 == 0) → float32 copy, contiguous
 std::vector<float> to_float(const at::Tensor& x) {
   const int64_t K = x.size(0);
   std::vector<float> out(K);
@@ -55,10 +65,8 @@ std::vector<float> to_float(const at::Tensor& x) {
     const float* p = xc.data_ptr<float>();
     std::copy(p, p + K, out.begin());
   } else {
-    const uint16_t* p = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
-    for (int64_t k = 0; k < K; k += 16)  // K % 64 == 0; bf16 → float32 is the 16 bits on top
-      _mm512_storeu_ps(out.data() + k, _mm512_castsi512_ps(_mm512_slli_epi32(
-          _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + k))), 16)));
+    const at::BFloat16* p = xc.data_ptr<at::BFloat16>();
+    for (int64_t k = 0; k < K; k += 16) _mm512_storeu_ps(out.data() + k, load16(p + k));
   }
   return out;
 }
@@ -190,9 +198,9 @@ at::Tensor w8a8(const at::Tensor& q, const at::Tensor& s, const at::Tensor& x) {
 // ---- bf16 ----------------------------------------------------------------------------------------
 // y[n] = Σ_k w[n,k] · x[k] for bf16 w and x: vdpbf16ps multiplies 32 bf16 pairs exactly and adds
 // them into 16 float32 lanes. Only built into the running code where the CPU has AVX512-BF16.
-template <int R>
-__attribute__((target("avx512bf16"))) void bf16_rows(const uint16_t* w, const uint16_t* x, at::BFloat16* y,
-                                                      int64_t n, int64_t K) {
+template <int R, typename Out>
+__attribute__((target("avx512bf16"))) void bf16_rows(const uint16_t* w, const uint16_t* x, Out* y, int64_t n,
+                                                      int64_t K) {
   __m512 acc[R][2];
   for (int i = 0; i < R; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += 64) {  // two 64-byte lines of each row per step
@@ -205,7 +213,7 @@ __attribute__((target("avx512bf16"))) void bf16_rows(const uint16_t* w, const ui
       acc[i][1] = _mm512_dpbf16_ps(acc[i][1], (__m512bh)_mm512_loadu_si512(row + 32), x1);
     }
   }
-  for (int i = 0; i < R; i++) y[n + i] = static_cast<at::BFloat16>(_mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1])));
+  for (int i = 0; i < R; i++) y[n + i] = static_cast<Out>(_mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1])));
 }
 
 at::Tensor bf16(const at::Tensor& w, const at::Tensor& x) {
@@ -216,14 +224,11 @@ at::Tensor bf16(const at::Tensor& w, const at::Tensor& x) {
   const auto xc = x.contiguous();
   const uint16_t* W = reinterpret_cast<const uint16_t*>(w.data_ptr());
   const uint16_t* X = reinterpret_cast<const uint16_t*>(xc.data_ptr());
-  auto y = at::empty({N}, x.options());
-  at::BFloat16* Y = y.data_ptr<at::BFloat16>();
-  at::parallel_for(0, N, kGrain, [&](int64_t b, int64_t e) {
+  return over_rows(N, x, [&](auto* y, int64_t b, int64_t e) {
     int64_t n = b;
-    for (; n + kRows <= e; n += kRows) bf16_rows<kRows>(W, X, Y, n, K);
-    for (; n < e; n++) bf16_rows<1>(W, X, Y, n, K);
+    for (; n + kRows <= e; n += kRows) bf16_rows<kRows>(W, X, y, n, K);
+    for (; n < e; n++) bf16_rows<1>(W, X, y, n, K);
   });
-  return y;
 }
 
 // ---- attention of one query position over a KV cache --------------------------------------------
@@ -240,16 +245,6 @@ inline __m512 exp_neg(__m512 x) {
   __m512 p = _mm512_set1_ps(1.f / 720);
   for (float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
   return _mm512_scalef_ps(p, n);
-}
-
-template <typename T>
-inline __m512 load16(const T* p);
-template <>
-inline __m512 load16<float>(const float* p) { return _mm512_loadu_ps(p); }
-template <>
-inline __m512 load16<at::BFloat16>(const at::BFloat16* p) {  // bf16 → float32: the 16 bits on top
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
 // 16 vectors → one vector whose lane t is the sum of v[t]'s lanes: a transpose-and-add tree, ~45
