@@ -139,7 +139,9 @@ class Int8Kernel:
         self.q, self.s = q, s
         self.s32 = s.float()  # what the native kernels take
         self.out_features, self.in_features = q.shape
-        self.native = False  # does matvec run a native kernel? (set by _matvec)
+        from herd.inference import native
+
+        self.native = native.supports(q)  # one row runs a native kernel
         self.matvec = self._matvec()
 
     def set_activations(self, int8: bool) -> None:
@@ -158,7 +160,6 @@ class Int8Kernel:
         """x [in] → [out] for one row: a native kernel, else this kernel's general call."""
         from herd.inference import native
 
-        self.native = native.supports(self.q)
         if self.native:
             return functools.partial(native.op("w8a8_gemv" if self.packed is not None else "w8a16_gemv"),
                                      self.q, self.s32)
