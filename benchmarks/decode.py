@@ -147,7 +147,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="rounds of batch-1 decode, variants taking turns")
     ap.add_argument("--int4", action="store_true", help="also measure int4 weights (group 64)")
     ap.add_argument("--kv", choices=("auto", "int8"), default="auto", help="KV cache of the global layers")
-    ap.add_argument("--int8-act", action="store_true", help="also int8 weights with int8 activations (fbgemm)")
+    ap.add_argument("--int8-act", action="store_true",
+                    help="also int8 weights with int8 activations (native w8a8 at batch 1, fbgemm for batches)")
     ap.add_argument("--compile", action="store_true", help="also bf16 with the torch.compile'd batch-1 step")
     ap.add_argument("--no-general", action="store_true", help="skip the general-path rows at batch 1")
     ap.add_argument("--no-transformers", action="store_true")
