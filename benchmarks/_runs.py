@@ -12,7 +12,7 @@ def shared_assets(root: Path) -> dict:
     """Train the tiny preset's tokenizer once (on the training split) and share one data cache."""
     import herd
     from herd.data import training_texts
-    from herd.tokenizer import train_tokenizer
+    from herd.tokenizer_train import train_tokenizer
 
     tok = root / "tokenizer"
     if not (tok / "tokenizer.json").exists():

@@ -296,10 +296,23 @@ class Tokenizer:
                 for c in configs:
                     (out / c).write_bytes((src.parent / c).read_bytes())
             else:
-                from herd.tokenizer_train import write_hf_configs
-
                 write_hf_configs(out, self.special_tokens)
         return out
+
+
+def write_hf_configs(out_dir: Path, special_tokens: dict[str, int], model_max_length: int = 1 << 20) -> None:
+    """tokenizer_config.json and special_tokens_map.json, as Hugging Face checkpoints ship them."""
+    names = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot|>", "pad_token": "<|finetune_right_pad|>"}
+    names = {k: v for k, v in names.items() if v in special_tokens}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": model_max_length,
+        "clean_up_tokenization_spaces": False,
+        "model_input_names": ["input_ids", "attention_mask"],
+        **names,
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(names, indent=2) + "\n")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -436,24 +449,3 @@ def load_tokenizer(name_or_path: str | os.PathLike = "llama4", backend: str = "a
             return _from_tokenizer_json(path, backend)
         return _from_tiktoken_file(path)
     raise ValueError(f"unknown tokenizer {str(name_or_path)!r}: expected 'llama4', a directory or a tokenizer file")
-
-
-def train_tokenizer(texts_or_files, vocab_size: int, out_dir, **kwargs) -> Tokenizer:
-    """Train a byte-level BPE tokenizer; see herd.tokenizer_train.train_tokenizer."""
-    from herd.tokenizer_train import train_tokenizer as _train
-
-    return _train(texts_or_files, vocab_size, out_dir, **kwargs)
-
-
-def tokenizer_cli(argv=None) -> int:
-    """`herd tokenizer ...` as a function; see herd.tokenizer_train.tokenizer_cli."""
-    from herd.tokenizer_train import tokenizer_cli as _cli
-
-    return _cli(argv)
-
-
-def add_tokenizer_subcommand(subparsers) -> None:
-    """Register `tokenizer train` on an argparse subparsers object."""
-    from herd.tokenizer_train import add_tokenizer_subcommand as _add
-
-    _add(subparsers)

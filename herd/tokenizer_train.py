@@ -35,6 +35,7 @@ from herd.tokenizer import (
     llama4_special_token_names,
     load_tokenizer,
     split_long_text,
+    write_hf_configs,
 )
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".json", ".jsonl", ".csv", ".tsv", ".html", ".xml", ".c", ".h", ".yaml", ".yml", ".toml"}
@@ -203,21 +204,6 @@ def train_tokenizer(
     tok.save(str(out / "tokenizer.json"))
     write_hf_configs(out, {s: n_ordinary + k for k, s in enumerate(specials)})
     return load_tokenizer(out)
-
-
-def write_hf_configs(out_dir: Path, special_tokens: dict[str, int], model_max_length: int = 1 << 20) -> None:
-    """tokenizer_config.json and special_tokens_map.json, as Hugging Face checkpoints ship them."""
-    names = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot|>", "pad_token": "<|finetune_right_pad|>"}
-    names = {k: v for k, v in names.items() if v in special_tokens}
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "model_max_length": model_max_length,
-        "clean_up_tokenization_spaces": False,
-        "model_input_names": ["input_ids", "attention_mask"],
-        **names,
-    }
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (out_dir / "special_tokens_map.json").write_text(json.dumps(names, indent=2) + "\n")
 
 
 def bytes_per_token(tokenizer: Tokenizer, docs: Iterable[str]) -> float:

@@ -9,7 +9,7 @@ from PIL import Image
 
 import herd
 from herd.chat import encode_messages
-from herd.tokenizer import train_tokenizer
+from herd.tokenizer_train import train_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -20,15 +20,15 @@ Importing this package is cheap: names load on first use.
 from herd._lazy import lazy_getattr
 
 _LAZY = {
-    "DataConfig": ("herd.data.loader", "DataConfig"),
-    "DEFAULT_WEIGHTS": ("herd.data.loader", "DEFAULT_WEIGHTS"),
+    "DataConfig": ("herd.data.types", "DataConfig"),
+    "DEFAULT_WEIGHTS": ("herd.data.types", "DEFAULT_WEIGHTS"),
     "build_datasets": ("herd.data.loader", "build_datasets"),
     "PackedStream": ("herd.data.loader", "PackedStream"),
     "ValidationSet": ("herd.data.loader", "ValidationSet"),
     "unigram_baseline": ("herd.data.loader", "unigram_baseline"),
     "training_texts": ("herd.data.loader", "training_texts"),
     "Batch": ("herd.data.packing", "Batch"),
-    "IGNORE_INDEX": ("herd.data.multimodal", "IGNORE_INDEX"),
+    "IGNORE_INDEX": ("herd.data.types", "IGNORE_INDEX"),
     "DigitEvalSet": ("herd.data.multimodal", "DigitEvalSet"),
     "digit_eval_set": ("herd.data.multimodal", "digit_eval_set"),
     "Document": ("herd.data.sources", "Document"),

@@ -24,10 +24,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from herd.data.types import IGNORE_INDEX
+
 if TYPE_CHECKING:
     import torch
 
-IGNORE_INDEX = -100
 CAPTION_TEMPLATE = "This is a handwritten digit {digit}."
 PROMPT_TEXT = "This is a handwritten digit "
 IMAGE_LAYOUT_TOKENS = ("<|image_start|>", "<|image_end|>", "<|image|>", "<|patch|>",
@@ -143,7 +144,7 @@ def digit_eval_set(tokenizer, vision_config, data_config=None, split: str = "val
 
     from herd.data.cache import digit_corpus
     from herd.data.images import DIGIT_SOURCES, normalize_tiles
-    from herd.data.loader import DataConfig
+    from herd.data.types import DataConfig
     from herd.data.splits import validation_mask
     from herd.tokenizer import load_tokenizer
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from herd.data.multimodal import IGNORE_INDEX
+from herd.data.types import IGNORE_INDEX
 
 if TYPE_CHECKING:
     import torch

@@ -93,7 +93,8 @@ class TrainConfig:
 # ----- pieces -------------------------------------------------------------------------------------
 def prepare_tokenizer(cfg: TrainConfig, vocab_size: int, out: Path, env):
     """Use --tokenizer, or the run's own tokenizer.json, or train one on the bundled corpora."""
-    from herd.tokenizer import load_tokenizer, train_tokenizer
+    from herd.tokenizer import load_tokenizer
+    from herd.tokenizer_train import train_tokenizer
 
     if cfg.tokenizer:
         tok = load_tokenizer(cfg.tokenizer)

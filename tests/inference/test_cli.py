@@ -27,7 +27,7 @@ def run_cli(argv: list[str]) -> int:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A random multimodal model (vocab 512) with a tokenizer trained to match its special ids."""
-    from herd.tokenizer import train_tokenizer
+    from herd.tokenizer_train import train_tokenizer
 
     d = tmp_path_factory.mktemp("model")
     text = ["The quick brown fox jumps over the lazy dog. " * 40, "Hello world, how are you today? " * 40]

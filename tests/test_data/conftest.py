@@ -13,7 +13,7 @@ SMALL = dict(seq_len=64, batch_size=4, max_docs=30, val_fraction=0.2, val_batche
 @pytest.fixture(scope="session")
 def tok(tmp_path_factory):
     """A 1024-token byte-level BPE with the Llama 4 specials on top (trained in about a second)."""
-    from herd.tokenizer import train_tokenizer
+    from herd.tokenizer_train import train_tokenizer
 
     texts = list(training_texts(limit=20))
     return train_tokenizer(texts, 1024, tmp_path_factory.mktemp("tok1024"))

@@ -146,7 +146,7 @@ class CountingTokenizer:
 
 
 def test_cache_is_reused_and_invalidated_by_a_new_tokenizer(tok, tmp_path):
-    from herd.tokenizer import train_tokenizer
+    from herd.tokenizer_train import train_tokenizer
 
     counting = CountingTokenizer(tok)
     first = text_corpus(counting, "bible", tmp_path, limit=12)

@@ -14,7 +14,7 @@ import torch
 
 import herd
 from herd.model.weights import read_safetensors
-from herd.tokenizer import train_tokenizer
+from herd.tokenizer_train import train_tokenizer
 from herd.train.trainer import TrainConfig, train
 
 COMMON = dict(preset="tiny", batch_size=4, seq_len=64, warmup=2, eval_every=4, eval_batches=2, log_every=1,
