@@ -6,6 +6,10 @@ Field names and defaults follow Hugging Face's `Llama4TextConfig` / `Llama4Visio
     cfg = ModelConfig.from_hf_dict(json.load(open("config.json")))
     json.dump(cfg.to_hf_dict(), ...)        # same fields, same values
 
+One value is normalised on the way through: Meta's release configs give `attn_temperature_tuning`
+as the int 4, which transformers 5.24 refuses; herd reads any int (non-zero = on) and writes the
+bool, so everything herd writes loads in transformers.
+
 Both layouts are understood: `Llama4ForConditionalGeneration` (nested `text_config` /
 `vision_config`) and `Llama4ForCausalLM` (flat text fields). RoPE settings are read in the
 transformers-4 form (`rope_theta` + `rope_scaling`, as Meta published them) and in the
@@ -37,6 +41,7 @@ _GENERIC_HF_FIELDS = {
     "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty",
     "suppress_tokens", "begin_suppress_tokens", "num_beam_groups", "diversity_penalty",
     "typical_p", "encoder_no_repeat_ngram_size", "for_llm_compressor", "quantization_config",
+    "cache_implementation",  # generation setting (Llama Guard 4's config has "static")
 }
 
 
@@ -85,9 +90,9 @@ class TextConfig:
     attention_chunk_size: int | None = 8192
     layer_types: list[str] | None = None
     use_qk_norm: bool = True
-    # Inference-time temperature tuning on NoPE layers. Meta's Scout config ships the int 4: any
-    # non-zero value means "on"; the raw value is kept so it writes back unchanged.
-    attn_temperature_tuning: bool | int = True
+    # Inference-time temperature tuning on NoPE layers. Meta's release configs ship the int 4, which
+    # transformers 5.24 refuses: any int is read (non-zero = on) and held, and written, as a bool.
+    attn_temperature_tuning: bool = True
     floor_scale: int = 8192
     attn_scale: float = 0.1
     extra: dict = field(default_factory=dict, repr=False)
@@ -95,6 +100,8 @@ class TextConfig:
     source_keys: frozenset | None = field(default=None, repr=False, compare=False)  # fields read from a file
 
     def __post_init__(self):
+        if isinstance(self.attn_temperature_tuning, int):  # bool is an int too; 4 → True
+            self.attn_temperature_tuning = bool(self.attn_temperature_tuning)
         self.validate()
 
     # ----- derived layout -------------------------------------------------------------------

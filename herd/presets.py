@@ -1,8 +1,16 @@
 """Named model presets: the published Llama 4 family and the CPU-sized models herd trains.
 
 Published shapes (Scout, Maverick, Llama Guard 4) follow the Hugging Face configs Meta released;
-`herd params scout` reproduces their parameter counts exactly. Behemoth has no published config:
-see `_behemoth` for how its shape was chosen.
+`herd params scout` reproduces their parameter counts exactly. Each one equals, field by field,
+the golden copy of its config.json in tests/data/ (tests/data/README.md says where every value
+comes from). Two values changed after release and follow the current files:
+  * Scout's RoPE scaling is llama3 with factor 16, low_freq_factor 1, high_freq_factor 1 over the
+    original 8192 positions (llama-models PR #322; the release-day config.json had factor 8 and
+    high_freq_factor 4: 35 of 64 frequencies differ, and long contexts see it).
+  * Llama Guard 4 is dense with full (unchunked) attention: attention_chunk_size null, no routed
+    experts, every layer RoPE.
+A directory's own config.json always wins over a preset: `herd.load_model(dir)` reads its values.
+Behemoth has no published config: see `_behemoth` for how its shape was chosen.
 
 The CPU presets (`tiny`, `small`) keep every architectural feature of Scout (MoE with a shared
 expert, iRoPE with NoPE every 4th layer, chunked attention, QK-norm, temperature tuning, the
@@ -22,6 +30,12 @@ SPECIAL_OFFSETS = {"begin_of_text": 0, "end_of_text": 1, "header_start": 5, "hea
                    "eot": 8, "image_start": 80, "image_end": 81, "image": 90, "patch": 92}
 NUM_SMALL_SPECIALS = 128  # special slots at the top of a herd-trained vocabulary
 
+# llama3 RoPE scaling as published (see the module docstring and tests/data/README.md).
+SCOUT_ROPE_SCALING = {"rope_type": "llama3", "factor": 16.0, "low_freq_factor": 1.0, "high_freq_factor": 1.0,
+                      "original_max_position_embeddings": 8192}
+SCOUT_RELEASE_ROPE_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                              "original_max_position_embeddings": 8192}  # release day; Llama Guard 4 keeps it
+
 
 def _published_vision() -> VisionConfig:
     return VisionConfig(hidden_size=1408, num_hidden_layers=34, num_attention_heads=16, intermediate_size=5632,
@@ -36,9 +50,8 @@ def _scout_text(**over) -> TextConfig:
               eos_token_id=[200001, 200007, 200008], num_local_experts=16, num_experts_per_tok=1,
               interleave_moe_layer_step=1, use_qk_norm=True, attention_chunk_size=8192,
               attn_temperature_tuning=True, floor_scale=8192, attn_scale=0.1, rope_theta=500000.0,
-              # As in the published HF config (Meta's own code uses factor 16; we follow the config).
-              rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+              # Scout's current config.json and Meta's reference code (llama-models PR #322).
+              rope_scaling=dict(SCOUT_ROPE_SCALING))
     kw.update(over)
     return TextConfig(**kw)
 
@@ -70,8 +83,13 @@ def _behemoth() -> ModelConfig:
 
 def _guard4() -> ModelConfig:
     # Llama Guard 4 12B: Scout with the routed experts pruned away; the shared expert stays as
-    # every layer's dense MLP (width 8192). Multimodal, same vision tower.
-    text = _scout_text(moe_layers=[], intermediate_size_mlp=8192, num_local_experts=16)
+    # every layer's dense MLP (width 8192). Full causal attention (attention_chunk_size null, as
+    # in the published config) with RoPE on every layer, 8192 positions, the release-day llama3
+    # scaling. Multimodal, same vision tower. tests/data/README.md lists which of these values
+    # were confirmed from public sources and which follow transformers' converter.
+    text = _scout_text(moe_layers=[], interleave_moe_layer_step=0, num_local_experts=0, intermediate_size_mlp=8192,
+                       attention_chunk_size=None, no_rope_layers=[1] * 48, max_position_embeddings=8192,
+                       rope_scaling=dict(SCOUT_RELEASE_ROPE_SCALING), extra={"cache_implementation": "static"})
     return ModelConfig(text=text, vision=_published_vision(), name="guard4")
 
 
