@@ -133,7 +133,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 def add_data_subcommand(subparsers) -> argparse.ArgumentParser:
     """Register `data prepare` and `data show` on an argparse subparsers object."""
     parser = subparsers.add_parser("data", help="bundled pre-training data: build the token cache, show batches")
-    sub = parser.add_subparsers(dest="data_command", metavar="{prepare,show}")
+    sub = parser.add_subparsers(dest="data_command", metavar="{prepare,show,longctx}")
     sub.required = True
     p = sub.add_parser("prepare", help="tokenise every source into the cache; print documents, bytes, tokens, split")
     _common(p)
@@ -144,6 +144,9 @@ def add_data_subcommand(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=0, help="which batch (0 = the first)")
     p.add_argument("--rows", type=int, default=2, help="rows to print")
     p.set_defaults(func=_cmd_show)
+    from herd.data.longctx import add_longctx_parser
+
+    add_longctx_parser(sub)
     return parser
 
 
