@@ -81,10 +81,12 @@ def _optional_subcommands():
     """Subcommands that live in their own modules (kept out of the import path of --help)."""
     from herd.data import add_data_subcommand
     from herd.inference.cli import add_inference_subcommands
+    from herd.serve.cli import add_serve_subcommand
     from herd.tokenizer_train import add_tokenizer_subcommand
     from herd.train.cli import add_train_subcommand
 
-    return [add_tokenizer_subcommand, add_data_subcommand, add_train_subcommand, add_inference_subcommands]
+    return [add_tokenizer_subcommand, add_data_subcommand, add_train_subcommand, add_inference_subcommands,
+            add_serve_subcommand]
 
 
 def main(argv: list[str] | None = None) -> int:
