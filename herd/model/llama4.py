@@ -193,7 +193,8 @@ class Llama4(nn.Module):
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, *, image_features: torch.Tensor | None = None,
                 cache=None, logits_slice: slice | None = None,
-                document_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+                document_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                apply_head=None) -> torch.Tensor:
         """input_ids [B, T] (+ pixel_values [n_tiles, 3, S, S]) → logits [B, T, vocab].
 
         position_ids: absolute positions [T] (default 0…T-1, or continuing the cache); with a cache
@@ -205,6 +206,9 @@ class Llama4(nn.Module):
         labels: [B, T] next-token targets (already shifted, -100 ignored): returns the summed
           cross-entropy (float32 scalar) instead of logits, the LM head fused with the loss in
           chunks of tokens (herd.model.loss; no [B, T, vocab] logits are ever held).
+        apply_head: a function (normed hidden states [B, T, H], LM head weight [V, H]) → anything,
+          returned in place of the logits: losses fused with the head outside the model (e.g.
+          herd.train.distill), called inside forward so sharded (FSDP) weights are gathered.
         """
         self.check_inputs(input_ids, pixel_values)
         T = input_ids.shape[1]
@@ -227,6 +231,10 @@ class Llama4(nn.Module):
         if logits_slice is not None:
             h = h[:, logits_slice]
         head = self.language_model.lm_head
+        if apply_head is not None:
+            if type(head) is not nn.Linear or head.bias is not None:
+                raise ValueError("apply_head needs a plain LM head (nn.Linear without bias), not a swapped-in one")
+            return apply_head(h, head.weight)
         if labels is not None and type(head) is nn.Linear and head.bias is None:
             return linear_cross_entropy(h, head.weight, labels)
         if labels is not None:  # a swapped-in head (quantised, ...): the plain path
