@@ -32,6 +32,7 @@ import asyncio
 import base64
 import binascii
 import collections
+import contextlib
 import hashlib
 import hmac
 import json
@@ -296,14 +297,16 @@ def create_app(settings: Settings | None = None, engine=None) -> FastAPI:
     """The FastAPI app. engine None: the server answers 503 until `app.state.server.attach(engine)`."""
     settings = settings or Settings()
     server = Server(settings)
-    app = FastAPI(title="herd", version="0.1.0", summary="OpenAI-compatible Llama 4 server (herd)")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        server.close()  # stop the engine thread with the HTTP server
+
+    app = FastAPI(title="herd", version="0.1.0", summary="OpenAI-compatible Llama 4 server (herd)", lifespan=lifespan)
     app.state.server = server
     if engine is not None:
         server.attach(engine)
-
-    @app.on_event("shutdown")
-    def _shutdown():
-        server.close()
 
     # ----- errors: one shape, one table --------------------------------------------------------------
     @app.exception_handler(APIError)
