@@ -80,13 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _optional_subcommands():
     """Subcommands that live in their own modules (kept out of the import path of --help)."""
     from herd.data import add_data_subcommand
+    from herd.evals import add_eval_subcommand
     from herd.inference.cli import add_inference_subcommands
     from herd.serve.cli import add_serve_subcommand
     from herd.tokenizer_train import add_tokenizer_subcommand
     from herd.train.cli import add_train_subcommand
 
     return [add_tokenizer_subcommand, add_data_subcommand, add_train_subcommand, add_inference_subcommands,
-            add_serve_subcommand]
+            add_serve_subcommand, add_eval_subcommand]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -696,7 +696,7 @@ def read_samples(path) -> list[dict]:
                 raise ValueError(f"{path}:{i}: not JSON ({e.msg})") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{path}:{i}: expected a JSON object")
-            for key in ("input", "answers", "task"):
+            for key in ("input", "answers", "task", "length"):
                 if key not in row:
                     raise ValueError(f"{path}:{i}: sample has no {key!r}")
             if not isinstance(row["answers"], list) or not row["answers"]:
