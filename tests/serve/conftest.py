@@ -93,7 +93,7 @@ class ScriptedEngine:
         from herd.inference.text import TextStream
 
         self.model, self.tokenizer = tiny
-        self.max_seq_len, self.max_batch = 256, max_batch
+        self.max_seq_len, self.max_batch = 4096, max_batch
         self.script = self.tokenizer.encode(script) + [self.tokenizer.special_tokens["<|eot|>"]]
         self.fail = fail
         self.active, self.prefilling = [], None
