@@ -12,6 +12,27 @@ implementations instead push every token through every expert.
 Expert weights are stored fused, exactly as the published checkpoints store them:
   experts.gate_up_proj [E, H, 2·I]   (gate = first I columns, up = last I)
   experts.down_proj    [E, I, H]
+
+The load-balancing bias (`expert_bias` [E], herd-only). Auxiliary-loss-free balancing
+(herd.train.balance, after DeepSeek-V3) adds a per-expert bias to the router logits for *choosing*
+experts; the gate still uses the raw logit. `herd train` uses it by default, so its validation loss
+and digit accuracy are measured with it, and it is part of the model: dropping it on save changed
+48 of 64 expert choices and logits by 4e-2 on the tiny model (issue 17; FlagScale PR #412 fixed
+the same fault). It cannot be folded into the published format: that format has no router bias,
+and no change to the router weight shifts one expert's logit by a constant for every input.
+So herd keeps it as an extra tensor:
+  * `save_model` writes `…feed_forward.expert_bias` [E] (float32) next to the published tensors
+    for every MoE whose bias is not all zero; a model without one (every published checkpoint,
+    every model trained with --balance switch or none) writes exactly the published key set;
+  * `load_model` reads it when present and uses zeros when absent, so herd evaluates, saves and
+    reloads the same routing;
+  * transformers loads such a directory (it ignores the extra tensors) but routes without the
+    bias, so for that model its logits are herd's with `drop_expert_bias` applied, not the ones
+    herd evaluated. Where transformers must reproduce herd exactly, train with `--balance switch`
+    (no bias), or zero the bias (`drop_expert_bias`) and evaluate that model before exporting it.
+It stays a non-persistent buffer (outside `state_dict()`), so code that copies state dicts between
+herd and transformers' modules keeps working; `expert_biases` and weights.py are its way in and out.
+tests/model/test_roundtrip.py checks that every tensor a forward reads survives save → load.
 """
 
 from __future__ import annotations
@@ -134,3 +155,21 @@ class MoE(nn.Module):
             self.last_logits = logits
         self.last_counts = counts.detach()
         return out.view(shape)
+
+
+def expert_biases(model: nn.Module) -> dict[str, torch.Tensor]:
+    """`{"<MoE path>.expert_bias": bias [E] float32}` for every MoE whose bias is not all zero:
+    the herd-only tensors `save_model` writes beside the published ones."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, MoE) and not m.expert_bias.is_meta and bool(m.expert_bias.any()):
+            out[f"{name}.expert_bias"] = m.expert_bias.detach().float().cpu()
+    return out
+
+
+def drop_expert_bias(model: nn.Module) -> nn.Module:
+    """Zero every MoE's load-balancing bias (in place): the routing transformers runs. Returns model."""
+    for m in model.modules():
+        if isinstance(m, MoE):
+            m.expert_bias.zero_()
+    return model

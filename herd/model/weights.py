@@ -2,13 +2,16 @@
 
     load_model("tiny")                  # a preset with fresh random weights
     load_model("path/to/hf_dir")        # config.json + model.safetensors | model-0000x-of-0000y.safetensors
-    load_model("path/to/quantized")     # a `herd quantize` directory (herd.inference.quant.load_quantized)
+    load_model("path/to/quantized")     # refused: a `herd quantize` directory is read by herd.load_model
+                                        # (herd.inference.loading), which knows the quantized layout
     save_model(model, "out_dir")        # the same layout; transformers loads it unchanged
 
 Reading is memory-mapped: tensors are views of the (privately mapped) files, so loading a model
 in its stored dtype costs no second copy (peak RSS ≈ the weights' size). Multimodal models use the
 `Llama4ForConditionalGeneration` key layout (`language_model.model.*`, `vision_model.*`,
 `multi_modal_projector.*`), text-only ones the `Llama4ForCausalLM` layout (`model.*`, `lm_head.*`).
+One herd-only tensor may join them: a non-zero MoE load-balancing bias, `…feed_forward.expert_bias`
+(read when present, zeros when absent; herd/model/moe.py explains why).
 Pickle checkpoints (.bin/.pt) are refused unless the caller passes allow_pickle=True.
 Every file is written atomically (temporary name, fsync, rename).
 """
@@ -25,6 +28,7 @@ import torch
 
 from herd.config import ModelConfig
 from herd.model.llama4 import Llama4, build_model
+from herd.model.moe import expert_biases
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -187,10 +191,14 @@ def load_state(model: Llama4, tensors: dict[str, torch.Tensor], dtype: torch.dty
     got = {_to_herd_key(k, multimodal): v for k, v in tensors.items()}
     if tied and "language_model.lm_head.weight" in got:
         got.pop("language_model.lm_head.weight")  # some writers store the tied copy as well
+    # herd-only MoE load-balancing biases: optional, zeros when absent (herd/model/moe.py)
+    optional = {k: b for k, b in model.named_buffers() if k.endswith(".expert_bias")}
+    biases = {k: got.pop(k) for k in list(got) if k in optional}
     missing = sorted(set(expected) - set(got))
     unexpected = sorted(set(got) - set(expected))
-    bad_shape = sorted(f"{k}: checkpoint {tuple(got[k].shape)} vs model {tuple(expected[k].shape)}"
-                       for k in set(got) & set(expected) if tuple(got[k].shape) != tuple(expected[k].shape))
+    shapes = {**expected, **optional}
+    bad_shape = sorted(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(shapes[k].shape)}"
+                       for k, v in {**got, **biases}.items() if k in shapes and tuple(v.shape) != tuple(shapes[k].shape))
     if missing or unexpected or bad_shape:
         lines = [f"checkpoint {source} does not match the model described by its config.json:"]
         for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", bad_shape)):
@@ -206,11 +214,25 @@ def load_state(model: Llama4, tensors: dict[str, torch.Tensor], dtype: torch.dty
         for name, buf in list(module.named_buffers(recurse=False)):
             if buf.is_meta:
                 module.register_buffer(name, torch.zeros(buf.shape, dtype=buf.dtype), persistent=False)
+    for k, v in biases.items():
+        model.get_submodule(k.removesuffix(".expert_bias")).expert_bias.copy_(v)
+
+
+def quantization_config(d: str | os.PathLike) -> dict | None:
+    """config.json's "quantization_config" of a model directory (None when absent or unreadable)."""
+    p = Path(d) / "config.json"
+    try:
+        qc = json.loads(p.read_text()).get("quantization_config") if p.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None
+    return qc if isinstance(qc, dict) else None
 
 
 def load_model(name_or_dir: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu",
                allow_pickle: bool = False, seed: int = 0) -> Llama4:
-    """A preset name (random weights) or a Hugging Face / herd model directory → Llama4 in eval mode."""
+    """A preset name (random weights) or a Hugging Face / herd model directory → Llama4 in eval mode,
+    trainable. (herd.load_model is herd.inference.loading.load_model: it also reads quantized
+    directories and can load straight into the inference form.)"""
     from herd.presets import PRESETS
 
     if isinstance(name_or_dir, str) and name_or_dir in PRESETS and not Path(name_or_dir).exists():
@@ -220,10 +242,10 @@ def load_model(name_or_dir: str | os.PathLike, dtype: torch.dtype = torch.float3
         raise FileNotFoundError(f"{d}: no such directory, and not a preset (presets: {', '.join(PRESETS)})")
     if d.is_file():
         raise ValueError(f"{d} is a file; pass the model directory that holds config.json and the weights")
-    from herd.inference.quant import is_quantized_dir, load_quantized
-
-    if is_quantized_dir(d):  # written by `herd quantize`: int8/int4 weights, inference-ready (CPU)
-        return load_quantized(d, dtype)
+    qc = quantization_config(d)
+    if qc is not None:
+        raise ValueError(f"{d} holds quantized weights ({qc.get('quant_method')}, {qc.get('bits')} bits), which cannot "
+                         "be trained; load it for inference with herd.load_model(path)")
     config = ModelConfig.from_json(d)
     files = _checkpoint_files(d)
     if not files:
@@ -257,9 +279,18 @@ def save_model(model: Llama4, out_dir: str | os.PathLike, max_shard_bytes: int =
     cfg = model.config
     multimodal = cfg.is_multimodal
     state = dict(model.state_dict() if state_dict is None else state_dict)
+    if state_dict is None:
+        with torch.device("meta"):
+            layout = set(Llama4(cfg).state_dict())
+        if set(state) != layout:
+            odd = sorted(set(state) ^ layout)
+            raise ValueError(f"this model's weights are not in the checkpoint layout ({', '.join(odd[:4])} …): a model "
+                             "prepared for inference fuses and re-lays-out its projections. Save the trainable model it "
+                             "was prepared from (quantized models: herd.inference.save_quantized)")
     if cfg.text.tie_word_embeddings:
         state.pop("language_model.lm_head.weight", None)
     tensors = {_to_ckpt_key(k, multimodal): (v if dtype is None else v.to(dtype)) for k, v in state.items()}
+    tensors.update({_to_ckpt_key(k, multimodal): v for k, v in expert_biases(model).items()})  # herd-only
     # shards: greedy in key order
     shards, current, size = [], {}, 0
     for k in sorted(tensors):
