@@ -194,7 +194,7 @@ class TokenizeRequest(OpenAIModel):
 
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
     add_special_tokens: bool = True  # prompt: prepend <|begin_of_text|>
     add_generation_prompt: bool = True  # messages: end with the assistant header
 
