@@ -24,6 +24,10 @@ Image handling: each image part is decoded and tiled once per request, and its v
 computed once (in the engine thread) and kept in a small LRU keyed by the tiles' bytes, so a
 follow-up turn that sends the same image again does not re-encode it (llama.cpp#18686). The engine
 has no cross-request prefix cache (yet): a follow-up turn prefills its whole history again.
+
+Guards (--guards): the input check runs before generation (a blocked turn gets a refusal naming
+the guard and categories, finish_reason "content_filter", and no tokens are generated); with an
+output check, a streamed reply is held back until the guard has seen all of it.
 """
 
 from __future__ import annotations
@@ -578,9 +582,13 @@ def _tool_calls(ctx: _ChatCtx, ch: _Choice) -> list[dict]:
     return calls
 
 
+def _has_output_guard(s: Server) -> bool:
+    return callable(getattr(s.settings.guards, "check_output", None))
+
+
 def _output_verdict(ctx: _ChatCtx, text: str):
     g = ctx.s.settings.guards
-    if g is None or not text:
+    if not _has_output_guard(ctx.s) or not text:
         return None
     v = g.check_output(ctx.plain, text)
     ctx.s.metrics.guard_verdicts.labels(v.guard, v.decision).inc()
@@ -663,7 +671,7 @@ async def _chat_stream(ctx: _ChatCtx, handle):
     choices = [_Choice(i) for i in range(ctx.n)]
     holding = [ctx.mode != "none" for _ in choices]  # tool mode: hold text while it may be a call
     pending = [ctx.prefix_text for _ in choices]
-    guarded = s.settings.guards is not None  # an output guard sees the whole reply before it is shown
+    guarded = _has_output_guard(s)  # an output guard sees the whole reply before any of it is shown
     finished = False
 
     def chunk(index, delta, finish=None, lps=None):

@@ -89,13 +89,13 @@ class ScriptedEngine:
     the real Event/TextStream types. For tests of what the server does with a reply (tool-call parsing,
     streaming, failures) that a random model would never write. fail=True: step() raises."""
 
-    def __init__(self, tiny, script: str, fail: bool = False, max_batch: int = 8):
+    def __init__(self, tiny, script: str, fail: bool = False, max_batch: int = 8, delay: float = 0.0):
         from herd.inference.text import TextStream
 
         self.model, self.tokenizer = tiny
         self.max_seq_len, self.max_batch = 4096, max_batch
         self.script = self.tokenizer.encode(script) + [self.tokenizer.special_tokens["<|eot|>"]]
-        self.fail = fail
+        self.fail, self.delay = fail, delay
         self.active, self.prefilling = [], None
         self.prompts: list[list[int]] = []
         self._new, self._cancel, self._lock = [], set(), threading.Lock()
@@ -123,6 +123,8 @@ class ScriptedEngine:
             self._new, cancel, self._cancel = [], self._cancel, set()
         if self.fail and self.active:
             raise RuntimeError("scripted failure")
+        if self.delay and self.active:
+            time.sleep(self.delay)  # a slow model, so a browser can watch the stream and stop it
         events = []
         for s in list(self.active):
             if s["id"] in cancel:
