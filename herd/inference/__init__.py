@@ -27,6 +27,9 @@ _LAZY = {
     "load_quantized": ("herd.inference.quant", "load_quantized"),
     "optimize_for_inference": ("herd.inference.fast", "optimize_for_inference"),
     "load_for_inference": ("herd.inference.loading", "load_for_inference"),
+    "load_model": ("herd.inference.loading", "load_model"),
+    "inference_view": ("herd.inference.fast", "inference_view"),
+    "InferenceLlama4": ("herd.inference.fast", "InferenceLlama4"),
 }
 
 

@@ -237,20 +237,20 @@ def _cmd_quantize(args) -> int:
     import shutil
     from pathlib import Path
 
-    import herd
-    from herd.inference.loading import parse_dtype
+    from herd.inference.loading import load_model, parse_dtype
     from herd.inference.quant import quantize_model, save_quantized
+    from herd.tokenizer import load_tokenizer
 
     if Path(args.out).exists() and any(Path(args.out).iterdir()) and not args.force:
         raise ValueError(f"{args.out} exists and is not empty (use --force to write into it)")
     dtype = parse_dtype(args.dtype)
-    model = herd.load_model(args.model, dtype=dtype)
+    model = load_model(args.model, dtype=dtype)
     before = sum(p.numel() * p.element_size() for p in model.parameters())
     model = quantize_model(model, bits=args.bits, group_size=args.group_size, activations=args.activations)
     out = save_quantized(model, args.out)
     src = Path(args.model)
     if args.tokenizer:
-        herd.load_tokenizer(args.tokenizer).save(out)
+        load_tokenizer(args.tokenizer).save(out)
     elif src.is_dir():
         for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
             if (src / name).is_file():

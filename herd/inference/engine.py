@@ -12,6 +12,13 @@ position. Live sequences occupy cache rows 0 … n-1; when one finishes, the las
 its place, so the decode batch is always a contiguous view of the cache (no gather per step).
 Images are encoded once, when the sequence's prefill starts.
 
+The engine runs the model it is given prepared for inference (herd.inference.fast.inference_view:
+a trainable Llama4 is turned into a separate, prepared copy, cached until its weights change; the
+model itself is left untouched) and holds its own batch-1 decode step (herd.inference.single) for
+one token of one sequence. An Engine serves the weights it was built with: after an optimizer
+step, build a new one (herd.generate does so on every call); `add` refuses requests once the
+source model's weights have changed.
+
 `add` and `cancel` may be called from other threads; `step` runs in one thread.
 """
 
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import weakref
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -26,7 +34,9 @@ from typing import Any, Iterator
 import torch
 
 from herd.inference.cache import KVCache
+from herd.inference.fast import inference_view, weights_version
 from herd.inference.sampling import RowState, SamplingParams, sample
+from herd.inference.single import SingleDecoder
 from herd.inference.text import TextStream
 
 
@@ -83,16 +93,16 @@ class Sequence:
         return Event(self.id, token, text, logprob, top, reason)
 
 
-def forward_step(model, ids: torch.Tensor, cache: KVCache, image_features: torch.Tensor | None = None) -> torch.Tensor:
+def forward_step(model, ids: torch.Tensor, cache: KVCache, image_features: torch.Tensor | None = None,
+                 decoder: SingleDecoder | None = None) -> torch.Tensor:
     """ids [B, T] continuing the cache's selected rows → logits of each row's last position [B, vocab].
 
     Llama4.forward without its input checks (the engine validated the prompt; sampled ids are in
-    range), and the LM head on the last position only. One token of one row runs the batch-1 step
-    of herd.inference.single when the model has been through optimize_for_inference.
+    range), and the LM head on the last position only. One token of one row runs `decoder` (the
+    batch-1 step of herd.inference.single, built for this model) when one is given.
     """
-    single = getattr(model, "_single_decoder", None)  # set by optimize_for_inference
-    if single is not None and ids.shape == (1, 1) and image_features is None and cache.selected_rows == 1:
-        return single(ids, cache)  # decode at batch 1: herd.inference.single
+    if decoder is not None and ids.shape == (1, 1) and image_features is None and cache.selected_rows == 1:
+        return decoder(ids, cache)  # decode at batch 1: herd.inference.single
     T = ids.shape[1]
     start = cache.next_position
     if isinstance(start, torch.Tensor):
@@ -104,7 +114,7 @@ def forward_step(model, ids: torch.Tensor, cache: KVCache, image_features: torch
 
 
 def prefill_tokens(model, cache: KVCache, row: int, ids: list[int], features: torch.Tensor | None,
-                   image_token: int | None) -> tuple[torch.Tensor, int]:
+                   image_token: int | None, decoder: SingleDecoder | None = None) -> tuple[torch.Tensor, int]:
     """Run `ids` through the model into cache row `row` → (last position's logits [vocab], image
     features used). `features` are the image features from this segment's first image token on."""
     x = torch.tensor([ids], dtype=torch.long, device=model.device)
@@ -112,7 +122,7 @@ def prefill_tokens(model, cache: KVCache, row: int, ids: list[int], features: to
     if features is not None and image_token is not None:
         used = sum(1 for t in ids if t == image_token)
         feats = features[:used] if used else None
-    return forward_step(model, x, cache.select(row, 1), feats)[0], used
+    return forward_step(model, x, cache.select(row, 1), feats, decoder)[0], used
 
 
 class Engine:
@@ -124,15 +134,23 @@ class Engine:
     prefill_chunk: prompt tokens per forward (bounds prefill memory; long prompts take several steps).
     kv_dtype: None (the model's dtype) or "int8" for the global layers' keys/values.
     tokenizer: enables text deltas and stop strings.
+    compile: torch.compile the batch-1 decode step (herd.inference.single).
+    single_step: use the batch-1 decode step where it applies (False: always the general forward,
+    for comparisons).
     """
 
     def __init__(self, model, *, max_batch: int = 8, max_seq_len: int | None = None, capacity: int | None = None,
-                 prefill_chunk: int | None = 512, kv_dtype=None, tokenizer=None):
+                 prefill_chunk: int | None = 512, kv_dtype=None, tokenizer=None, compile: bool = False,
+                 single_step: bool = True):
         if max_batch < 1:
             raise ValueError(f"max_batch must be ≥ 1, got {max_batch}")
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be ≥ 1 or None, got {prefill_chunk}")
-        self.model = model.eval()
+        self.model = inference_view(model)  # prepared for inference; `model` itself is not touched
+        self.decoder = SingleDecoder.for_model(self.model, compile=compile) if single_step else None
+        self._source = None  # (weakref to the trainable model, its weights_version) when prepared from one
+        if self.model is not model:
+            self._source = (weakref.ref(model), weights_version(model))
         cfg = model.config
         self.vocab_size = cfg.text.vocab_size
         self.eos = cfg.text.eos_token_ids
@@ -142,7 +160,7 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.tokenizer = tokenizer
         cap = capacity or (max_seq_len if max_seq_len is not None else 2048)
-        self.cache = KVCache.for_model(model, batch_size=max_batch, capacity=cap, kv_dtype=kv_dtype)
+        self.cache = KVCache.for_model(self.model, batch_size=max_batch, capacity=cap, kv_dtype=kv_dtype)
         self.active: list[Sequence] = []  # row i holds active[i]
         self.prefilling: Sequence | None = None  # in row len(active)
         self.waiting: deque[Sequence] = deque()
@@ -173,6 +191,7 @@ class Engine:
             raise ValueError(f"prompt of {len(prompt)} tokens leaves no room under max_seq_len {self.max_seq_len}")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer (Engine(..., tokenizer=...))")
+        self._check_weights()
         n_img = prompt.count(self.image_token) if self.image_token is not None else 0
         if pixel_values is not None or image_features is not None:
             if self.image_token is None:
@@ -187,6 +206,16 @@ class Engine:
         with self._lock:
             self._incoming.append(seq)
         return seq_id
+
+    def _check_weights(self) -> None:
+        if self._source is None:
+            return
+        ref, version = self._source
+        model = ref()
+        if model is not None and weights_version(model) != version:
+            raise ValueError("the model's weights changed after this Engine was built (an optimizer step?): it "
+                             "would run the old weights. Build a new Engine for the new weights (herd.generate "
+                             "does so on every call)")
 
     def cancel(self, seq_id) -> None:
         """Stop a sequence (it ends with finish_reason "cancelled" at the next step)."""
@@ -251,7 +280,7 @@ class Engine:
             n = min(n, self.prefill_chunk)
         ids = seq.prompt[seq.prefilled:seq.prefilled + n]
         feats = seq.features[seq.image_offset:] if seq.features is not None else None
-        logits, used = prefill_tokens(self.model, self.cache, row, ids, feats, self.image_token)
+        logits, used = prefill_tokens(self.model, self.cache, row, ids, feats, self.image_token, self.decoder)
         seq.prefilled += n
         seq.image_offset += used
         if seq.prefilled < len(seq.prompt):
@@ -269,7 +298,7 @@ class Engine:
     def _decode_step(self, events: list[Event]) -> None:
         n = len(self.active)
         ids = torch.tensor([[s.last] for s in self.active], dtype=torch.long, device=self.model.device)
-        logits = forward_step(self.model, ids, self.cache.select(0, n))  # [n, vocab]
+        logits = forward_step(self.model, ids, self.cache.select(0, n), decoder=self.decoder)  # [n, vocab]
         out = sample(logits, [s.state for s in self.active])
         done = []
         for r, seq in enumerate(self.active):

@@ -1,32 +1,52 @@
-"""Decode-friendly kernels, swapped into a loaded model for serving (weights unchanged).
+"""Getting a model ready for inference: a separate, inference-only model built from its weights.
 
-`optimize_for_inference(model)` replaces, in the text decoder:
+    fast = optimize_for_inference(model)     # explicit; `model` is left exactly as it was
+    view = inference_view(model)             # what herd.generate / herd.Engine / Session call: the
+                                             # same, cached per model until its weights change
+    model = herd.load_model(path, for_inference=True)   # load straight into the prepared form
+
+Nobody has to ask for speed: herd.generate, herd.generate_stream, herd.Engine and Session call
+`inference_view`, which hands back a prepared copy of a trainable model (built once, rebuilt when
+an optimizer step or a load changes any weight) and passes prepared or foreign models through.
+The trainable model is never touched: not its classes, not its parameters, not its train/eval mode.
+
+The prepared model is an `InferenceLlama4`, a Llama4 whose text decoder's modules are replaced
+(child by child, with setattr, as pytorch-labs/gpt-fast swaps in quantized modules; never by
+changing a live module's class) by:
   * nn.Linear → FastLinear: one row (decode at batch 1) runs as a matrix-vector product that
     streams the weight at close to memory bandwidth (herd's native bf16 kernel, else torch.mv —
     both far ahead of F.linear at one row); several rows (prefill) use a oneDNN-prepacked copy of
     the weight (see DenseKernel);
   * the fused expert weights → KernelExperts: one [out, in] kernel per expert, so a token only
     touches its expert's weights (no grouped GEMM machinery for a handful of tokens);
-  * MoE → FastMoE: a subclass whose single-token path (decode at batch 1) indexes the chosen
-    expert directly: route, one expert, shared expert, add — nothing else;
-  * q/k/v projections → one product (FastAttention.qkv), and gate/up of every SwiGLU (shared
-    expert, dense MLP) → one product (FastSwiGLU): fewer, larger matrix-vector products.
-Quantized models (herd.inference.quant) plug int8/int4 kernels into the same two containers.
-With top-1 routing the model also gets the batch-1 decode step of herd.inference.single, which
-engine.forward_step uses for one token of one sequence.
+  * MoE → FastMoE, whose single-token path (decode at batch 1) indexes the chosen expert directly:
+    route, one expert, shared expert, add — nothing else;
+  * Attention → FastAttention: q/k/v projections as one product (`qkv_proj`, rows q | k | v);
+    SwiGLU (shared expert, dense MLP) → FastSwiGLU: gate/up as one product (`gate_up`).
+Quantized models (herd.inference.quant) plug int8/int4 kernels into the same containers. The
+batch-1 decode step (herd.inference.single) is built on top by whoever decodes: the Engine and
+Session hold their own.
 
-The result is for inference only (no gradients). Weights are shared, not copied.
+Weights are shared with the source model wherever their layout stays (embeddings, norms, o_proj,
+routers, the LM head, the vision tower); q|k|v, gate|up and the per-expert [out, in] matrices are
+new tensors, so a prepared copy of a model that is kept costs about its weights once more (plus
+oneDNN's packed copies in bf16). `herd.load_model(path, for_inference=True)` drops the trainable
+form instead. The prepared model has no gradients, and `train()` on it raises: train the model it
+was prepared from.
 """
 
 from __future__ import annotations
 
 import functools
+import threading
+import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from herd.model.attention import Attention
+from herd.model.llama4 import Llama4
 from herd.model.moe import MoE, SwiGLU
 
 
@@ -145,10 +165,37 @@ class KernelExperts(nn.Module):
         return torch.cat(outs) if outs else x_sorted.new_zeros(0, x_sorted.shape[-1])
 
 
+class InferenceLlama4(Llama4):
+    """A Llama4 prepared for inference (see the module docstring): fused projections, decode
+    kernels, frozen weights. `train()` raises; `eval()` is a no-op."""
+
+    def train(self, mode: bool = True):
+        if mode:
+            raise ValueError(
+                "this model was prepared for inference (herd.inference.optimize_for_inference, "
+                "herd.load_model(..., for_inference=True), or a herd-quantized directory): its projections are fused "
+                "and its weights frozen, so it cannot be trained. Train the model it was prepared from, or load the "
+                "checkpoint with herd.load_model(path).")
+        return super().train(False)
+
+
 class FastMoE(MoE):
     """MoE with a direct path for one token and one expert (decode at batch 1)."""
 
-    plain_routing = False  # set when expert_bias is all zero (checked once, not per token)
+    plain_routing = False  # expert_bias is all zero (checked once, when built, not per token)
+
+    @classmethod
+    def from_moe(cls, moe: MoE, config, pack: bool = True) -> "FastMoE":
+        """A FastMoE holding moe's router, bias and shared expert, and its experts as kernels."""
+        with torch.device("meta"):
+            new = cls(config)  # placeholders on meta (no memory), all replaced below
+        new.router, new.impl = moe.router, moe.impl
+        new.register_buffer("expert_bias", moe.expert_bias, persistent=False)
+        new.experts = moe.experts if isinstance(moe.experts, KernelExperts) else KernelExperts.from_experts(
+            moe.experts, pack)
+        new.shared_expert = FastSwiGLU.from_swiglu(moe.shared_expert)
+        new.plain_routing = not bool(moe.expert_bias.any())
+        return new
 
     def route(self, x: torch.Tensor):
         if not self.plain_routing:
@@ -159,7 +206,7 @@ class FastMoE(MoE):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        if self.training or self.top_k != 1 or x.numel() != shape[-1] or not isinstance(self.experts, KernelExperts):
+        if self.top_k != 1 or x.numel() != shape[-1]:
             return super().forward(x)
         x = x.reshape(1, shape[-1])
         _, top_ids, gates = self.route(x)
@@ -170,12 +217,31 @@ class FastMoE(MoE):
 class FastAttention(Attention):
     """Attention whose q/k/v projections run as one product (`qkv_proj`, rows q | k | v)."""
 
+    @classmethod
+    def from_attention(cls, a: Attention, config) -> "FastAttention":
+        with torch.device("meta"):
+            new = cls(config, a.layer)  # same settings; its meta projections are replaced below
+        del new.q_proj, new.k_proj, new.v_proj
+        new.qkv_proj = fuse_linears([a.q_proj, a.k_proj, a.v_proj])
+        new.qkv_sizes = [a.q_proj.out_features, a.k_proj.out_features, a.v_proj.out_features]
+        new.o_proj = a.o_proj
+        return new
+
     def qkv(self, x: torch.Tensor):
         return self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
 
 
 class FastSwiGLU(SwiGLU):
     """SwiGLU whose gate and up projections run as one product (`gate_up`, rows gate | up)."""
+
+    @classmethod
+    def from_swiglu(cls, mlp: SwiGLU) -> "FastSwiGLU":
+        with torch.device("meta"):
+            new = cls(mlp.gate_proj.in_features, mlp.gate_proj.out_features)
+        del new.gate_proj, new.up_proj
+        new.gate_up = fuse_linears([mlp.gate_proj, mlp.up_proj])
+        new.down_proj = mlp.down_proj
+        return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
@@ -199,46 +265,100 @@ def fuse_linears(mods: list) -> nn.Module:
     return fuse(mods)
 
 
-def _swap_linears(module: nn.Module, make, skip=()) -> None:
+def _swap_linears(module: nn.Module, make) -> None:
     for name, child in list(module.named_children()):
-        if type(child) is nn.Linear and name not in skip:
+        if type(child) is nn.Linear:
             setattr(module, name, make(child))
         elif not isinstance(child, (FastLinear, KernelExperts)):
-            _swap_linears(child, make, skip)
+            _swap_linears(child, make)
+
+
+# ----- building the prepared model -------------------------------------------------------------------
+def inference_skeleton(model: Llama4) -> InferenceLlama4:
+    """An InferenceLlama4 with the same modules as `model` (a plain Llama4) and its tensors —
+    parameters and buffers, shared, not copied — still in the trainable layout. `model` is not
+    modified. herd.inference.quant quantizes this before install_kernels."""
+    if isinstance(model, InferenceLlama4):
+        raise ValueError("the model is already prepared for inference; start from the trainable model")
+    if not isinstance(model, Llama4):
+        raise ValueError(f"expected a herd Llama4, got {type(model).__name__}")
+    with torch.device("meta"):
+        view = InferenceLlama4(model.config)
+    state = model.state_dict()  # detached tensors sharing the model's storage
+    view.load_state_dict(state, assign=True, strict=False)
+    if model.config.text.tie_word_embeddings:
+        view.language_model.lm_head.weight = view.language_model.model.embed_tokens.weight
+    for name, buf in model.named_buffers():  # the non-persistent ones (MoE expert_bias)
+        if name not in state:
+            owner, _, leaf = name.rpartition(".")
+            view.get_submodule(owner).register_buffer(leaf, buf.detach(), persistent=False)
+    left = [n for n, t in [*view.named_parameters(), *view.named_buffers()] if t.is_meta]
+    if left:
+        raise ValueError(f"cannot prepare this model for inference: {left[:5]} have no weights")
+    return view.eval()
 
 
 @torch.no_grad()
-def optimize_for_inference(model, pack: bool = True, compile: bool = False):
-    """Swap in the fast kernels (in place) and return the model; see the module docstring.
-    pack: keep a oneDNN-prepacked copy of bf16 weights for multi-row products (prefill).
-    compile: torch.compile the batch-1 decode step's per-layer maths (herd.inference.single)."""
-    model.eval()
+def install_kernels(model: InferenceLlama4, pack: bool = True) -> InferenceLlama4:
+    """Replace the text decoder's modules of a prepared model that nothing else holds by their
+    inference forms (module docstring); returns it."""
+    cfg = model.config.text
     lm = model.language_model
     for layer in lm.model.layers:
-        a = layer.self_attn
-        if not isinstance(a, FastAttention):
-            a.qkv_proj = fuse_linears([a.q_proj, a.k_proj, a.v_proj])
-            a.qkv_sizes = [a.q_proj.out_features, a.k_proj.out_features, a.v_proj.out_features]
-            del a.q_proj, a.k_proj, a.v_proj
-            a.__class__ = FastAttention
+        if not isinstance(layer.self_attn, FastAttention):
+            layer.self_attn = FastAttention.from_attention(layer.self_attn, cfg)
         ff = layer.feed_forward
-        mlps = [ff.shared_expert] if isinstance(ff, MoE) else [ff]
-        for mlp in mlps:
-            if not isinstance(mlp, FastSwiGLU):
-                mlp.gate_up = fuse_linears([mlp.gate_proj, mlp.up_proj])
-                del mlp.gate_proj, mlp.up_proj
-                mlp.__class__ = FastSwiGLU
-        if isinstance(ff, MoE):
-            if not isinstance(ff.experts, KernelExperts):
-                ff.experts = KernelExperts.from_experts(ff.experts, pack)
-            ff.__class__ = FastMoE
-            ff.plain_routing = not bool(ff.expert_bias.any())
+        if isinstance(ff, MoE) and not isinstance(ff, FastMoE):
+            layer.feed_forward = FastMoE.from_moe(ff, cfg, pack)
+        elif isinstance(ff, SwiGLU) and not isinstance(ff, FastSwiGLU):
+            layer.feed_forward = FastSwiGLU.from_swiglu(ff)
     _swap_linears(lm, lambda lin: FastLinear.from_linear(lin, pack))
     for p in model.parameters():
         p.requires_grad_(False)
-    model._single_decoder = None
-    if all(ff.top_k == 1 for ff in model.moe_layers()):
-        from herd.inference.single import SingleDecoder
+    return model.eval()
 
-        model._single_decoder = SingleDecoder(model, compile=compile)  # decode at batch 1 (engine.forward_step)
-    return model
+
+def optimize_for_inference(model, pack: bool = True) -> InferenceLlama4:
+    """A model prepared for inference, built from `model`'s weights (module docstring); `model`
+    itself is left as it was. A prepared model is returned as it is.
+    pack: keep a oneDNN-prepacked copy of bf16 weights for multi-row products (prefill)."""
+    if isinstance(model, InferenceLlama4):
+        return model
+    return install_kernels(inference_skeleton(model), pack)
+
+
+# ----- the cached view used by generate / Engine / Session ---------------------------------------------
+def weights_version(model: nn.Module) -> tuple:
+    """Changes whenever a parameter or buffer of `model` is replaced or changed in place (optimizer
+    steps, load_state_dict, `with torch.no_grad(): p.copy_(…)` all bump torch's version counters).
+    Writes through `.data` bypass the counters: build the view again (optimize_for_inference)."""
+    out = []
+    for t in [*model.parameters(), *model.buffers()]:
+        try:
+            v = t._version
+        except RuntimeError:  # an inference-mode tensor: it cannot change in place outside inference mode
+            v = -1
+        out.append((t.data_ptr(), v))
+    return tuple(out)
+
+
+_VIEWS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, InferenceLlama4]]" = weakref.WeakKeyDictionary()
+_VIEWS_LOCK = threading.Lock()
+
+
+def inference_view(model):
+    """The model to run inference on: a prepared model or anything that is not a herd Llama4 (a
+    mock in tests) as it is; for a trainable Llama4, its prepared copy (optimize_for_inference),
+    kept while the model lives and rebuilt once its weights change (weights_version)."""
+    if isinstance(model, InferenceLlama4) or not isinstance(model, Llama4):
+        return model
+    version = weights_version(model)
+    with _VIEWS_LOCK:
+        hit = _VIEWS.get(model)
+        if hit is not None and hit[0] == version:
+            return hit[1]
+        _VIEWS.pop(model, None)  # free a stale copy before building the next
+    view = optimize_for_inference(model)
+    with _VIEWS_LOCK:
+        _VIEWS[model] = (version, view)
+    return view

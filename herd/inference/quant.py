@@ -1,6 +1,6 @@
 """Weight-only quantization (int8 per output channel, int4 grouped) of linear and expert weights.
 
-    qmodel = quantize_model(model, bits=8)          # in place; returns the model
+    qmodel = quantize_model(model, bits=8)          # a new inference model; `model` is left as it was
     save_quantized(qmodel, "out_dir")                # safetensors + config.json "quantization_config"
     qmodel = load_quantized("out_dir")               # what `herd generate out_dir` and herd.load_model load
     qmodel = quantize_model(model, bits=8, activations="int8")   # decode also quantizes activations
@@ -46,8 +46,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from herd.config import ModelConfig
-from herd.inference.fast import FastLinear, KernelExperts
+from herd.inference.fast import FastLinear, InferenceLlama4, KernelExperts, inference_skeleton, install_kernels
 from herd.model.moe import MoE
+from herd.model.weights import atomic_write_bytes, quantization_config, read_safetensors, write_safetensors
 
 QUANT_METHOD = "herd"
 # Up to this many rows the fused int8/int4 kernels (their cost grows with the rows); above,
@@ -363,32 +364,30 @@ def set_int8_activations(model, on: bool = True):
 
 
 @torch.no_grad()
-def quantize_model(model, bits: int = 8, group_size: int = 64, activations: str | None = None):
-    """Quantize the model's linear and expert weights in place (see the module docstring).
-    activations="int8" (bits 8 only): decode products quantize activations too (Int8Kernel)."""
+def quantize_model(model, bits: int = 8, group_size: int = 64, activations: str | None = None) -> InferenceLlama4:
+    """A quantized inference model built from `model`'s weights (see the module docstring);
+    `model` itself is left as it was. activations="int8" (bits 8 only): decode products quantize
+    activations too (Int8Kernel)."""
     _check_bits(model, bits, group_size)
     if activations not in (None, "int8") or (activations and bits != 8):
         raise ValueError(f"activations must be None or 'int8' (with bits=8), got {activations!r}")
     if getattr(model, "quantization_config", None) is not None:
         raise ValueError(f"the model is already quantized ({model.quantization_config})")
+    if isinstance(model, InferenceLlama4):
+        raise ValueError("the model is already prepared for inference; quantize the model it was prepared from")
     dtype = model.dtype
-    for parent, name, mod in _targets(model):
-        if isinstance(mod, (QuantLinear, QuantExperts)):
-            continue
+    view = inference_skeleton(model)  # shares model's tensors; its modules are replaced, model's are not
+    for parent, name, mod in _targets(view):
         if isinstance(mod, nn.Linear):
             new = QuantLinear.from_linear(mod, bits, group_size, dtype)
-        elif hasattr(mod, "gate_up_proj"):
-            new = QuantExperts.from_experts(mod, bits, group_size, dtype)
         else:
-            raise ValueError(f"cannot quantize {type(mod).__name__} (already optimized for inference?)")
+            new = QuantExperts.from_experts(mod, bits, group_size, dtype)
         setattr(parent, name, new)
-    model.quantization_config = {"quant_method": QUANT_METHOD, "bits": bits,
-                                 "group_size": group_size if bits == 4 else None,
-                                 "modules": ["attention", "mlp", "experts", "lm_head"]}
-    from herd.inference.fast import optimize_for_inference
-
-    model = optimize_for_inference(model)  # the remaining Linears (routers) and the MoE fast path
-    return set_int8_activations(model) if activations else model
+    view.quantization_config = {"quant_method": QUANT_METHOD, "bits": bits,
+                                "group_size": group_size if bits == 4 else None,
+                                "modules": ["attention", "mlp", "experts", "lm_head"]}
+    view = install_kernels(view)  # the remaining Linears (routers) and the MoE fast path
+    return set_int8_activations(view) if activations else view
 
 
 def _ckpt_key(name: str, multimodal: bool) -> str:
@@ -417,8 +416,6 @@ def _unfused_state(model) -> dict[str, torch.Tensor]:
 
 def save_quantized(model, out_dir) -> Path:
     """Write a quantized model: model.safetensors + config.json with its quantization_config."""
-    from herd.model.weights import atomic_write_bytes, write_safetensors
-
     qc = getattr(model, "quantization_config", None)
     if qc is None:
         raise ValueError("the model is not quantized (run quantize_model first)")
@@ -435,13 +432,8 @@ def save_quantized(model, out_dir) -> Path:
 
 
 def is_quantized_dir(path) -> bool:
-    p = Path(path) / "config.json"
-    if not p.is_file():
-        return False
-    try:
-        return (json.loads(p.read_text()).get("quantization_config") or {}).get("quant_method") == QUANT_METHOD
-    except json.JSONDecodeError:
-        return False
+    """Was the directory written by save_quantized (`herd quantize`)?"""
+    return (quantization_config(path) or {}).get("quant_method") == QUANT_METHOD
 
 
 def _empty_like_quant(mod, bits, group_size, dtype):
@@ -461,11 +453,8 @@ def _empty_like_quant(mod, bits, group_size, dtype):
     return QuantExperts(bufs((E,), I2, H), bufs((E,), H, I2 // 2), bits, group_size)
 
 
-def load_quantized(path, dtype: torch.dtype | None = None):
+def load_quantized(path, dtype: torch.dtype | None = None) -> InferenceLlama4:
     """Load a directory written by save_quantized (or `herd quantize`) → an inference-ready model."""
-    from herd.model.llama4 import Llama4
-    from herd.model.weights import read_safetensors
-
     d = Path(path)
     raw = json.loads((d / "config.json").read_text())
     qc = raw.get("quantization_config") or {}
@@ -476,7 +465,7 @@ def load_quantized(path, dtype: torch.dtype | None = None):
     stored = raw.get("torch_dtype") or (raw.get("text_config") or {}).get("torch_dtype") or "bfloat16"
     dtype = dtype or getattr(torch, stored)
     with torch.device("meta"):
-        model = Llama4(config)
+        model = InferenceLlama4(config)
     for parent, name, mod in _targets(model):
         setattr(parent, name, _empty_like_quant(mod, bits, group_size, dtype))
     tensors = {}
@@ -506,7 +495,5 @@ def load_quantized(path, dtype: torch.dtype | None = None):
         if isinstance(module, (QuantLinear, QuantExperts)):
             module.refresh()
     model.quantization_config = qc
-    from herd.inference.fast import optimize_for_inference
-
-    model = optimize_for_inference(model.eval())
+    model = install_kernels(model)
     return set_int8_activations(model) if qc.get("activations") == "int8" else model

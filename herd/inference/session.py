@@ -9,7 +9,8 @@ prefix already in the cache is reused and only the rest is prefilled. When the p
 from what is cached, the cache is cut back to the common prefix — or rebuilt, if a chunked layer
 has already overwritten the chunk that prefix ends in. Image features are cached per image.
 An exception (Ctrl-C) during decode keeps everything cached so far; during prefill the cache is
-dropped and rebuilt next time.
+dropped and rebuilt next time. Like herd.Engine, a Session runs the model prepared for inference
+(herd.inference.fast.inference_view) with its own batch-1 decode step.
 """
 
 from __future__ import annotations
@@ -20,20 +21,23 @@ import torch
 
 from herd.inference.cache import KVCache
 from herd.inference.engine import Event, Sequence, forward_step, prefill_tokens
+from herd.inference.fast import inference_view
 from herd.inference.sampling import SamplingParams, sample
+from herd.inference.single import SingleDecoder
 
 
 class Session:
     """One sequence (batch 1) whose cache survives between calls; see the module docstring."""
 
     def __init__(self, model, tokenizer=None, *, prefill_chunk: int | None = 512, kv_dtype=None,
-                 capacity: int = 4096):
-        self.model = model.eval()
+                 capacity: int = 4096, compile: bool = False):
+        self.model = inference_view(model)  # prepared for inference; `model` itself is not touched
+        self.decoder = SingleDecoder.for_model(self.model, compile=compile)
         cfg = model.config
         self.tokenizer = tokenizer
         self.prefill_chunk = prefill_chunk
         self.image_token = cfg.image_token_index if cfg.vision is not None else None
-        self.cache = KVCache.for_model(model, 1, capacity, kv_dtype=kv_dtype)
+        self.cache = KVCache.for_model(self.model, 1, capacity, kv_dtype=kv_dtype)
         self.tokens: list[int] = []  # tokens whose keys/values are in the cache
         self._images: list[tuple[torch.Tensor, torch.Tensor]] = []  # (tiles, features) per image
         self.reused = 0  # prompt tokens reused from the cache by the last generate()
@@ -83,7 +87,8 @@ class Session:
                 ids = prompt[a:a + step]
                 with torch.inference_mode():
                     logits, used = prefill_tokens(self.model, self.cache, 0, ids,
-                                                  feats[offset:] if feats is not None else None, self.image_token)
+                                                  feats[offset:] if feats is not None else None, self.image_token,
+                                                  self.decoder)
                 offset += used
                 self.tokens += ids
         except BaseException:
@@ -100,5 +105,5 @@ class Session:
                 return
             x = torch.tensor([[ev.token]], dtype=torch.long, device=self.model.device)
             with torch.inference_mode():
-                logits = forward_step(self.model, x, self.cache.select(0, 1))[0]
+                logits = forward_step(self.model, x, self.cache.select(0, 1), decoder=self.decoder)[0]
             self.tokens.append(ev.token)

@@ -1,5 +1,11 @@
-"""The decode step at batch 1: one token of one sequence through a model prepared by
-`optimize_for_inference` (bf16, or int8/int4 weights), with the per-token Python work hoisted.
+"""The decode step at batch 1: one token of one sequence through a model prepared for inference
+(herd.inference.fast: bf16, or int8/int4 weights), with the per-token Python work hoisted.
+
+    decoder = SingleDecoder.for_model(prepared)      # None where it does not apply (top-2 routing)
+    logits = decoder(token, cache)                   # token [1, 1] → [1, vocab]
+
+herd.Engine and herd.inference.Session build one for the model they run and hand it to
+engine.forward_step, which uses it for one token of one row.
 
 At batch 1 the step is bound by reading the weights (~246 MB of bf16 for the 123M-active benchmark
 model; the products run on herd's native kernels where they load, herd.inference.native), and
@@ -21,7 +27,7 @@ rounding (SingleDecoder(model, native_glue=False) keeps the torch ops).
 The cache protocol (begin / attend / end) is the same one the model uses: masks, chunk rings and
 int8 keys/values all work unchanged.
 
-`compile=True` (herd.inference.fast.optimize_for_inference(model, compile=True)) wraps the
+`compile=True` (SingleDecoder(model, compile=True), herd.Engine(model, compile=True)) wraps the
 per-layer maths around attention in `torch.compile` (inductor, C++ on CPU): fewer, fused kernels;
 the first steps pay the compile time. Eager is the default.
 """
@@ -31,11 +37,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from herd.inference.fast import FastMoE, InferenceLlama4, KernelExperts
 from herd.model.attention import temperature_scale
-from herd.model.rope import rope_angles
+from herd.model.rope import rope_angles, text_inv_freq
 
 
-def _norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm of x [H] as herd.model.llama4.RMSNorm computes it (float32, cast, × weight)."""
     return torch.rms_norm(x.float(), w.shape, eps=eps).type_as(x) * w
 
@@ -57,7 +64,7 @@ def attention_in(h, ln_w, eps: float, qkv, qkv_b, rot, scale, n_heads: int, n_kv
     """h [H] → q [h, D], k [kv, D], v [kv, D], rotated / QK-normed / temperature-scaled as
     herd.model.attention.Attention.project does it."""
     D = rot.shape[0] * 2
-    qkv = _lin(qkv, _norm(h, ln_w, eps), qkv_b)  # [(h + 2kv)·D], one product
+    qkv = _lin(qkv, rms_norm(h, ln_w, eps), qkv_b)  # [(h + 2kv)·D], one product
     qk, v = qkv.view(n_heads + 2 * n_kv, D).split([n_heads + n_kv, n_kv])  # [h + kv, D], [kv, D]
     if rope:  # each interleaved pair (x0, x1) times its 2×2 rotation rot [D/2, 2, 2], in float32
         pairs = qk.float().view(n_heads + n_kv, D // 2, 1, 2)
@@ -76,7 +83,7 @@ def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(g) * u
 
 
-def attention_out(h, attn, o, o_b, ln_w, eps: float, router, norm=_norm):
+def attention_out(h, attn, o, o_b, ln_w, eps: float, router, norm=rms_norm):
     """Residual after attention and the FFN's input: h [H], attention output [h·D] →
     (h [H], x = norm(h) [H], router logits [E] or None)."""
     h = h + _lin(o, attn, o_b)
@@ -119,24 +126,35 @@ def native_glue_available(dtype: torch.dtype) -> bool:
 
 
 class SingleDecoder:
-    """decoder(token [1, 1], cache) → logits [1, vocab] for a model prepared by optimize_for_inference."""
+    """decoder(token [1, 1], cache) → logits [1, vocab] for a model prepared for inference."""
+
+    @classmethod
+    def applies(cls, model) -> bool:
+        """The step runs prepared models whose MoE layers route each token to one expert."""
+        return isinstance(model, InferenceLlama4) and all(ff.top_k == 1 for ff in model.moe_layers())
+
+    @classmethod
+    def for_model(cls, model, compile: bool = False) -> "SingleDecoder | None":
+        """The step for `model`, or None where it does not apply (the general forward runs)."""
+        return cls(model, compile=compile) if cls.applies(model) else None
 
     def __init__(self, model, compile: bool = False, native_glue: bool | None = None):
         """native_glue: the elementwise work on herd's native ops (None: where they load)."""
-        from herd.inference.fast import FastMoE, KernelExperts
-
+        if not isinstance(model, InferenceLlama4):
+            raise ValueError("the batch-1 step runs a model prepared for inference "
+                             "(herd.inference.optimize_for_inference(model))")
         lm = model.language_model
         tc = model.config.text
         self.embed = lm.model.embed_tokens.weight
         self.norm_w, self.eps = lm.model.norm.weight, tc.rms_norm_eps
         self.lm_head = _kernel_arg(lm.lm_head)
-        self.inv_freq = model._inv_freq
+        self.inv_freq = text_inv_freq(tc.head_dim, tc.rope_theta, tc.rope_scaling)  # [D/2] float32, as the model's
         self.n_heads, self.n_kv, self.head_dim = tc.num_attention_heads, tc.num_key_value_heads, tc.head_dim
         self.temp = (tc.floor_scale, tc.attn_scale)
         self.native = native_glue_available(model.dtype) if native_glue is None else native_glue
         if self.native and not native_glue_available(model.dtype):
             raise ValueError("native_glue=True needs herd's native ops and a float32 or bf16 model")
-        self.norm, swiglu = (_norm_native, _swiglu_native) if self.native else (_norm, _swiglu)
+        self.norm, swiglu = (_norm_native, _swiglu_native) if self.native else (rms_norm, _swiglu)
         self.layers = []
         for i, layer in enumerate(model.layers):
             a, ff = layer.self_attn, layer.feed_forward

@@ -208,7 +208,7 @@ def test_elementwise_ops_match_the_torch_step(dtype):
     """rms_norm / attention_prep / swiglu against the torch functions of herd.inference.single that
     they replace: the same roundings, so at most one unit in the last place apart (float32 sums may
     round differently), and in bf16 equal almost everywhere."""
-    from herd.inference.single import _norm, attention_in
+    from herd.inference.single import attention_in, rms_norm
 
     assert native.available(), native.why_unavailable()
     ops = torch.ops.herd_native
@@ -222,7 +222,7 @@ def test_elementwise_ops_match_the_torch_step(dtype):
             assert (a == b).float().mean().item() > 0.97
 
     x, w = torch.randn(200, generator=g).to(dtype) * 3, torch.randn(200, generator=g).to(dtype)
-    close(ops.rms_norm(x, w, 1e-5), _norm(x, w, 1e-5))
+    close(ops.rms_norm(x, w, 1e-5), rms_norm(x, w, 1e-5))
 
     h, kv, D = 4, 2, 16
     qkv = torch.randn((h + 2 * kv) * D, generator=g).to(dtype)
@@ -234,7 +234,7 @@ def test_elementwise_ops_match_the_torch_step(dtype):
         # projection its q, k, v are attention_prep's of the normed input
         want = attention_in(qkv, torch.ones_like(qkv), 1e-5, lambda t: t, None, rot, torch.tensor(1.7), h, kv,
                             rope, qk_norm, temp)
-        normed = _norm(qkv, torch.ones_like(qkv), 1e-5)
+        normed = rms_norm(qkv, torch.ones_like(qkv), 1e-5)
         got = ops.attention_prep(normed, cos, sin, h, kv, rope, qk_norm, 1e-5, 1.7, temp)
         for a, b in zip(got, want):
             close(a, b.reshape(a.shape))

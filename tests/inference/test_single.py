@@ -3,7 +3,6 @@ directory through herd.load_model."""
 
 from __future__ import annotations
 
-import copy
 import shutil
 
 import pytest
@@ -27,22 +26,14 @@ def _model(dtype=torch.float32, **over):
     return herd.build_model(model_config(vision=False, text={**TEXT, **over}), seed=1, dtype=dtype).eval()
 
 
-def _general(model, ids, prompt: int, kv_dtype=None):
-    """_decode with the batch-1 step switched off (the general forward for every step)."""
-    single, model._single_decoder = model._single_decoder, None
-    try:
-        return _decode(model, ids, prompt, kv_dtype)
-    finally:
-        model._single_decoder = single
-
-
-def _decode(model, ids, prompt: int, kv_dtype=None):
+def _decode(model, ids, prompt: int, kv_dtype=None, decoder=None):
     """Logits [1, T - prompt + 1, vocab]: the prompt's last position, then one token at a time
-    through engine.forward_step (the cache starts small, so it has to grow)."""
+    through engine.forward_step (the cache starts small, so it has to grow), with the batch-1 step
+    `decoder` (None: the general forward for every step)."""
     cache = KVCache.for_model(model, 1, 8, kv_dtype=kv_dtype)
     with torch.inference_mode():
-        out = [forward_step(model, ids[:, :prompt], cache)]
-        out += [forward_step(model, ids[:, t:t + 1], cache) for t in range(prompt, ids.shape[1])]
+        out = [forward_step(model, ids[:, :prompt], cache, decoder=decoder)]
+        out += [forward_step(model, ids[:, t:t + 1], cache, decoder=decoder) for t in range(prompt, ids.shape[1])]
     return torch.stack(out, 1).float()
 
 
@@ -70,18 +61,13 @@ def test_single_step_equals_the_general_path_and_the_full_forward(dtype, over, n
     ids = torch.randint(0, 500, (1, 44), generator=torch.Generator().manual_seed(3))  # crosses chunk 16 twice
     with torch.no_grad():
         full = model(ids).float()
-    fast = optimize_for_inference(copy.deepcopy(model))
-    fast._single_decoder = SingleDecoder(fast, native_glue=native)
-    assert fast._single_decoder.native == native
+    fast = optimize_for_inference(model)
+    decoder = SingleDecoder(fast, native_glue=native)
+    assert decoder.native == native
     calls = []
-    orig = SingleDecoder.__call__
-    try:
-        SingleDecoder.__call__ = lambda self, *a: calls.append(1) or orig(self, *a)
-        single = _decode(fast, ids, 20)
-    finally:
-        SingleDecoder.__call__ = orig
+    single = _decode(fast, ids, 20, decoder=lambda tok, cache: calls.append(1) or decoder(tok, cache))
     assert len(calls) == 24  # every decode step took the batch-1 path
-    _same(single, _general(fast, ids, 20), dtype, native)  # same maths, same roundings
+    _same(single, _decode(fast, ids, 20), dtype, native)  # same maths, same roundings as the general forward
     tol = 1e-4 if dtype == torch.float32 else 0.05
     assert (single[0, 1:] - full[0, 20:]).abs().max().item() <= tol
 
@@ -91,15 +77,15 @@ def test_single_step_with_int8_kv_cache_and_quantized_weights(native):
     model = _model(torch.bfloat16)
     ids = torch.randint(0, 500, (1, 40), generator=torch.Generator().manual_seed(4))
     for bits in (8, 4):
-        q = quantize_model(copy.deepcopy(model), bits=bits, group_size=32)
-        q._single_decoder = SingleDecoder(q, native_glue=native)
+        q = quantize_model(model, bits=bits, group_size=32)
+        decoder = SingleDecoder(q, native_glue=native)
         for kv in (None, "int8"):
-            _same(_decode(q, ids, 24, kv), _general(q, ids, 24, kv), torch.bfloat16, native)
+            _same(_decode(q, ids, 24, kv, decoder), _decode(q, ids, 24, kv), torch.bfloat16, native)
 
 
 def test_top2_models_keep_the_general_path():
     fast = optimize_for_inference(_model(num_experts_per_tok=2))
-    assert fast._single_decoder is None
+    assert SingleDecoder.for_model(fast) is None
     ids = list(range(10, 30))
     assert len(generate(fast, ids, max_new_tokens=4, stop_token_ids=[])[0]) == 4
 
@@ -109,9 +95,9 @@ def test_top2_models_keep_the_general_path():
 def test_compiled_single_step_stays_close(dtype):
     model = _model(dtype)
     ids = torch.randint(0, 500, (1, 26), generator=torch.Generator().manual_seed(5))
-    eager = optimize_for_inference(copy.deepcopy(model))
-    compiled = optimize_for_inference(copy.deepcopy(model), compile=True)
-    got, want = _decode(compiled, ids, 22).float(), _decode(eager, ids, 22).float()
+    fast = optimize_for_inference(model)
+    got = _decode(fast, ids, 22, decoder=SingleDecoder(fast, compile=True))
+    want = _decode(fast, ids, 22, decoder=SingleDecoder(fast))
     tol = 1e-3 if dtype == torch.float32 else 0.02 * want.abs().max().item()
     assert (got - want).abs().max().item() < tol
 
@@ -122,10 +108,10 @@ def test_int8_activations_stay_close_and_round_trip(tmp_path):
     ids = torch.randint(0, 500, (1, 40), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         full = model(ids).float()
-    wo = quantize_model(copy.deepcopy(model), bits=8)
-    a8 = quantize_model(copy.deepcopy(model), bits=8, activations="int8")
+    wo = quantize_model(model, bits=8)
+    a8 = quantize_model(model, bits=8, activations="int8")
     assert a8.language_model.lm_head.kernel.packed is not None and wo.language_model.lm_head.kernel.packed is None
-    got, weight_only = _decode(a8, ids, 20), _decode(wo, ids, 20)
+    got, weight_only = _decode(a8, ids, 20, decoder=SingleDecoder(a8)), _decode(wo, ids, 20, decoder=SingleDecoder(wo))
     cos = F.cosine_similarity(got[0, 1:].flatten(), full[0, 20:].flatten(), dim=0).item()
     assert cos > 0.999, cos
     assert not torch.equal(got, weight_only)  # activations really are quantized
@@ -140,14 +126,14 @@ def test_int8_activations_stay_close_and_round_trip(tmp_path):
     save_quantized(a8, tmp_path)
     back = load_quantized(tmp_path)
     assert back.quantization_config["activations"] == "int8"
-    assert torch.equal(_decode(back, ids, 20), got)
+    assert torch.equal(_decode(back, ids, 20, decoder=SingleDecoder(back)), got)
     with pytest.raises(ValueError, match="activations"):
-        quantize_model(copy.deepcopy(model), bits=4, activations="int8")
+        quantize_model(model, bits=4, activations="int8")
 
 
 def test_load_model_reads_a_quantized_directory(tmp_path):
     model = _model(torch.bfloat16)
-    q = quantize_model(copy.deepcopy(model), bits=8)
+    q = quantize_model(model, bits=8)
     save_quantized(q, tmp_path)
     back = herd.load_model(tmp_path, dtype=torch.bfloat16)
     assert isinstance(back.language_model.lm_head, QuantLinear) and back.dtype == torch.bfloat16
