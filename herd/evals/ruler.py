@@ -267,7 +267,14 @@ def train_length_of(model_name: str) -> int | None:
         cfg = json.loads(p.read_text())
     except (json.JSONDecodeError, OSError):
         return None
-    values = [cfg.get("seq_len")] + list(cfg.get("curriculum_lengths") or [])
+    values = [cfg.get("seq_len")]
+    if isinstance(cfg.get("curriculum"), str):  # mid-training: "512:0.5,2048:0.5" → its longest stage
+        from herd.data.longctx import parse_lengths
+
+        try:
+            values += parse_lengths([s.split(":")[0] for s in cfg["curriculum"].split(",") if s.strip()])
+        except ValueError:
+            pass
     values = [int(v) for v in values if isinstance(v, (int, float))]
     return max(values) if values else None
 
