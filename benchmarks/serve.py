@@ -1,0 +1,193 @@
+"""herd's server against llama.cpp's OpenAI-compatible server: aggregate tokens/s and time to first
+token (p50 / p99) at 1, 8, 32 and 64 concurrent streams, one run, same model, same requests.
+
+    # herd only, a tiny random model (a smoke run, seconds):
+    python benchmarks/serve.py --smoke
+    # side by side (outside CI): the random 552M / 123M-active model and GGUF of
+    # scripts/llamacpp_side_by_side.sh (CONVERT_ONLY=1 makes the files), and llama-server built from
+    # the same llama.cpp tree:  cmake -S $LCPP -B $LCPP/build -DLLAMA_BUILD_SERVER=ON ... &&
+    #                           cmake --build $LCPP/build --target llama-server -j 2
+    python benchmarks/serve.py --model /tmp/herd-llamacpp/model-hf --llama-server $LCPP/build/bin/llama-server \
+        --gguf /tmp/herd-llamacpp/model-bf16.gguf --threads 2
+
+Both servers get identical requests through the same endpoint, POST /v1/completions with
+`stream: true`, the prompt as token ids (so no tokenizer is involved: the random model has none
+that llama.cpp and herd share), `max_tokens` new tokens and `ignore_eos`, greedy. Each of C
+concurrent clients sends one request; TTFT is the time from sending to the first streamed chunk,
+tokens are counted from the final usage chunk (stream_options.include_usage);
+aggregate tokens/s = all generated tokens / wall time of the round. Each server runs as its own
+process with the same thread count, one at a time (never both at once), and the rounds alternate
+herd / llama.cpp per concurrency level. Goals (issue 15): ≥ 1.0× llama.cpp at concurrency 1,
+≥ 2× at 32; herd at 32 streams ≥ 4× its single-stream rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not ready after {timeout} s")
+
+
+async def one_stream(client: httpx.AsyncClient, url: str, prompt: list[int], max_tokens: int, model: str):
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True, "temperature": 0,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    ttft, usage = None, 0
+    async with client.stream("POST", url + "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line.strip() == "data: [DONE]":
+                continue
+            c = json.loads(line[6:])
+            if c.get("choices") and ttft is None:
+                ttft = time.perf_counter() - t0
+            if c.get("usage"):
+                usage = c["usage"]["completion_tokens"]
+    return ttft if ttft is not None else float("nan"), usage
+
+
+async def load(url: str, concurrency: int, prompt_len: int, max_tokens: int, vocab: int, model: str) -> dict:
+    prompts = [[(7919 * (i + 1) * (j + 3)) % (vocab - 1000) + 500 for j in range(prompt_len)]
+               for i in range(concurrency)]
+    async with httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=concurrency + 4)) as client:
+        t0 = time.perf_counter()
+        res = await asyncio.gather(*[one_stream(client, url, p, max_tokens, model) for p in prompts])
+        wall = time.perf_counter() - t0
+    ttfts = sorted(t for t, _ in res)
+    total = sum(n for _, n in res)
+    return {"concurrency": concurrency, "tokens": total, "wall_s": wall, "tok_s": total / wall,
+            "ttft_p50_ms": 1e3 * statistics.median(ttfts),
+            "ttft_p99_ms": 1e3 * ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))]}
+
+
+def start_herd(model_dir: str, tokenizer: str, threads: int, max_batch: int, max_len: int, dtype: str):
+    port = free_port()
+    cmd = [sys.executable, "-m", "herd", "serve", model_dir, "--tokenizer", tokenizer, "--port", str(port),
+           "--max-batch", str(max_batch), "--max-model-len", str(max_len), "--threads", str(threads),
+           "--dtype", dtype, "--no-ui", "--served-model-name", "bench"]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE), f"http://127.0.0.1:{port}"
+
+
+def start_llama(server: str, gguf: str, threads: int, slots: int, max_len: int):
+    port = free_port()
+    cmd = [server, "-m", gguf, "-t", str(threads), "--port", str(port), "-np", str(slots), "-c", str(slots * max_len),
+           "--cont-batching", "--no-webui"]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), f"http://127.0.0.1:{port}"
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def smoke_model(tmp: Path) -> tuple[str, str, int]:
+    """A tiny random text model + a tokenizer trained to its vocab (for --smoke)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import herd
+    from herd.tokenizer_train import train_tokenizer
+    from tests.conftest import model_config
+
+    cfg = model_config(vision=False, text=dict(intermediate_size=64, intermediate_size_mlp=128))
+    herd.save_model(herd.build_model(cfg, seed=0), tmp / "model")
+    train_tokenizer(["The quick brown fox jumps over the lazy dog. " * 50], 512, tmp / "tok")
+    return str(tmp / "model"), str(tmp / "tok"), cfg.text.vocab_size
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="HF directory of the model (herd side)")
+    ap.add_argument("--tokenizer", help="tokenizer directory for herd serve (default: train a byte-level one)")
+    ap.add_argument("--llama-server", help="path of llama.cpp's llama-server binary (omit: herd only)")
+    ap.add_argument("--gguf", help="the same model as GGUF (llama.cpp side)")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--smoke", action="store_true", help="tiny random model, herd only, small settings")
+    ap.add_argument("--out", help="write the rows as JSON here")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="herd-serve-bench-"))
+    if args.smoke:
+        args.model, args.tokenizer, vocab = smoke_model(tmp)
+        args.concurrency, args.prompt_tokens, args.max_tokens, args.dtype = [1, 8], 16, 16, "float32"
+    else:
+        if not args.model:
+            ap.error("--model is required (or --smoke)")
+        vocab = json.loads((Path(args.model) / "config.json").read_text()).get("vocab_size") or \
+            json.loads((Path(args.model) / "config.json").read_text())["text_config"]["vocab_size"]
+        if not args.tokenizer:
+            sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+            from herd.tokenizer_train import train_tokenizer
+
+            train_tokenizer(["The quick brown fox jumps over the lazy dog. " * 50], 512, tmp / "tok")
+            args.tokenizer = str(tmp / "tok")
+    max_c = max(args.concurrency)
+    max_len = args.prompt_tokens + args.max_tokens + 8
+    sides = [("herd", lambda: start_herd(args.model, args.tokenizer, args.threads, max_c, max_len, args.dtype))]
+    if args.llama_server:
+        if not args.gguf:
+            ap.error("--llama-server needs --gguf")
+        sides.append(("llama.cpp", lambda: start_llama(args.llama_server, args.gguf, args.threads, max_c, max_len)))
+    rows = []
+    print(f"machine: {os.cpu_count()} CPUs, {args.threads} threads per server; prompt {args.prompt_tokens} tokens, "
+          f"{args.max_tokens} new, greedy, ignore_eos")
+    for c in args.concurrency:
+        for name, start in sides:  # one server at a time, alternating per concurrency level
+            proc, url = start()
+            try:
+                wait_ready(url, proc)
+                asyncio.run(load(url, 1, 8, 4, vocab, "bench"))  # warm-up
+                row = {"server": name, **asyncio.run(load(url, c, args.prompt_tokens, args.max_tokens, vocab,
+                                                          "bench"))}
+            finally:
+                stop(proc)
+            rows.append(row)
+            print(f"{name:10s} c={c:3d}  {row['tok_s']:8.1f} tok/s  TTFT p50 {row['ttft_p50_ms']:8.1f} ms  "
+                  f"p99 {row['ttft_p99_ms']:8.1f} ms  ({row['tokens']} tokens in {row['wall_s']:.1f} s)", flush=True)
+    by = {(r["server"], r["concurrency"]): r for r in rows}
+    for c in args.concurrency:
+        if ("llama.cpp", c) in by:
+            print(f"c={c}: herd / llama.cpp tokens/s = {by['herd', c]['tok_s'] / by['llama.cpp', c]['tok_s']:.2f}×")
+    if ("herd", 1) in by:
+        for c in args.concurrency:
+            print(f"herd c={c}: {by['herd', c]['tok_s'] / by['herd', 1]['tok_s']:.2f}× its single-stream rate")
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
