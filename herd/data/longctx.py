@@ -296,7 +296,7 @@ def _stdlib_lines() -> tuple[tuple[str, tuple[tuple[str, str | None, str | None]
 # ----------------------------------------------------------------------------- fitting to a length
 
 
-class Counter_:
+class TokenCount:
     """Token count of the base layout: <|begin_of_text|> + input + answer_prefix."""
 
     def __init__(self, tokenizer):
@@ -311,7 +311,8 @@ def fit(render: Callable[[list[str]], str], stream, target: int, count: Callable
     """Most words of `stream` whose rendered prompt has exactly `target` tokens → those words.
 
     Binary search on the number of words, then single words from `fill` (default: the stream
-    after the cut) are appended, or the last swapped, until the count is exact."""
+    after the cut) are appended while they keep the count ≤ target, restarting a few words
+    back with other candidates when a join's merged tokens make the last gap unclosable."""
     empty = count(render([]))
     if empty > target:
         raise ValueError(f"length too short for {what}: the template alone takes {empty} tokens, "
@@ -622,7 +623,7 @@ def make_sample(tokenizer, task: str, length: int, *, seed: int = 0, index: int 
         raise ValueError(f"unknown prose haystack {source!r} for {task}; choose from {', '.join(PROSE_SOURCES)}")
     if t.haystack != "prose" and haystack not in (None, t.haystack):
         raise ValueError(f"task {task} has a fixed haystack ({t.haystack}); --haystack applies to prose tasks")
-    count = Counter_(tokenizer)
+    count = TokenCount(tokenizer)
     rng = rng_for(seed, task, length, index, depth, source)
     stream = prose_stream(source, rng) if t.haystack == "prose" else noise_stream()
     what = f"{task} at length {length}"

@@ -74,6 +74,10 @@ def test_run_ruler_scores_what_the_engine_generates(model_dir):
     assert recs[0]["prediction"] == want
     assert recs[0]["score"] == string_match_all(want, samples[0]["answers"])
     assert recs[0]["prompt_tokens"] == 384 - 128
+    ids = prompt_ids(tok, samples[0], "raw")  # one BOS, at the start (KVCache-Factory#62: no BOS mid-prompt)
+    assert ids.count(tok.bos_id) == 1 and ids[0] == tok.bos_id
+    chat = prompt_ids(tok, samples[0], "chat")
+    assert chat.count(tok.bos_id) == 1 and tok.decode(chat).endswith(samples[0]["answer_prefix"].lstrip())
 
 
 def test_herd_eval_ruler_end_to_end(model_dir, tmp_path, capsys):
