@@ -25,7 +25,10 @@ this machine, alternating with herd round by round.
     python benchmarks/decode.py --int4 --int8-act --compile   # + int8 activations, + the compiled step
 
 Batch-1 decode runs herd.inference.single (the hoisted one-token step); the row "(general path)"
-is the same model through the general forward, measured in the same run.
+is the same model through the general forward, measured in the same run. The row "as loaded via
+the public API" is what README's Use section does: herd.load_model(dir) of the same weights (a
+trainable model), then herd.generate_stream — herd prepares the model by itself; 1 ÷ the median
+time between its tokens, taking turns with the fast-path rows. It should match "herd bf16".
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ from herd.inference.cache import KVCache
 from herd.inference.engine import forward_step
 from herd.inference.fast import optimize_for_inference
 from herd.inference.quant import quantize_model
+
+PUBLIC = "bf16, as loaded via the public API"
 
 LLAMA_CPP = {"prefill": "1015–1222", "bf16": "117–137", "int8": "160–170 (Q8_0)", "fp32": "54–65"}
 
@@ -83,19 +88,29 @@ def median(xs: list[float]) -> float:
 
 def general_path(model, prompts, new, kv=None) -> float:
     """herd_decode at batch 1 with the batch-1 step switched off (the general forward)."""
-    single, model._single_decoder = model._single_decoder, None
-    try:
-        return herd_decode(model, prompts, new, kv)
-    finally:
-        model._single_decoder = single
+    return herd_decode(model, prompts, new, kv, single_step=False)
 
 
-def herd_decode(model, prompts: list[list[int]], new: int, kv=None, stat: str = "median") -> float:
+def public_decode(model, prompt: list[int], new: int, kv=None) -> float:
+    """Decode tokens/s at batch 1 the way a user runs it: herd.generate_stream on the model as
+    herd.load_model returned it (greedy) — 1 ÷ the median time between consecutive tokens."""
+    times, last = [], None
+    for _ in herd.generate_stream(model, [prompt], max_new_tokens=new, stop_token_ids=[], kv_dtype=kv):
+        now = time.perf_counter()
+        if last is not None:
+            times.append(now - last)
+        last = now
+    return 1 / median(times)
+
+
+def herd_decode(model, prompts: list[list[int]], new: int, kv=None, stat: str = "median", single_step: bool = True,
+                compile: bool = False) -> float:
     """Decode tokens/s with all len(prompts) rows running (herd.Engine, greedy sampling included):
     rows ÷ the median time of the steps taken while every row is decoding (stat="mean": rows × steps
     ÷ their total time, llama-bench's definition)."""
     B = len(prompts)
-    engine = Engine(model, max_batch=B, capacity=max(map(len, prompts)) + new + 1, prefill_chunk=512, kv_dtype=kv)
+    engine = Engine(model, max_batch=B, capacity=max(map(len, prompts)) + new + 1, prefill_chunk=512, kv_dtype=kv,
+                    single_step=single_step, compile=compile)
     params = SamplingParams(max_new_tokens=new, stop_token_ids=[])
     for p in prompts:
         engine.add(p, params)
@@ -151,6 +166,8 @@ def main() -> None:
                     help="also int8 weights with int8 activations (native w8a8 at batch 1, fbgemm for batches)")
     ap.add_argument("--compile", action="store_true", help="also bf16 with the torch.compile'd batch-1 step")
     ap.add_argument("--no-general", action="store_true", help="skip the general-path rows at batch 1")
+    ap.add_argument("--no-public", action="store_true",
+                    help="skip the row of the model as herd.load_model returns it, run by herd.generate_stream")
     ap.add_argument("--no-transformers", action="store_true")
     args = ap.parse_args()
     if args.quick:
@@ -191,20 +208,31 @@ def main() -> None:
         models[name] = model
         print(f"herd {name}: prefill {pre[name]:.0f} tok/s, batched {[round(b) for b in batched[name]]} "
               f"(load {load_average().split()[0]})", flush=True)
+    public = None
+    if not args.no_public:  # README's way: save, herd.load_model (a trainable model), herd.generate
+        with tempfile.TemporaryDirectory() as d:
+            herd.save_model(base, d)
+            public = herd.load_model(d, dtype=torch.bfloat16)
     # Decode at batch 1, the variants taking turns for --rounds rounds (median per variant): the
     # machine's speed drifts by tens of percent within minutes, and turns spread the drift evenly.
-    dec = {name: [] for name in models}
-    gen = {name: [] for name in models}
+    dec = {name: [] for name in [*models, *([PUBLIC] if public is not None else [])]}
+    gen = {name: [] for name in dec}
     for r in range(args.rounds):
         for name, model in models.items():
             dec[name].append(herd_decode(model, [ids[0].tolist()], args.new, kv))
             if not args.no_general:
                 gen[name].append(general_path(model, [ids[0].tolist()], args.new, kv))
+            if name == "bf16" and public is not None:
+                dec[PUBLIC].append(public_decode(public, ids[0].tolist(), args.new, kv))
         print(f"round {r + 1}: " + ", ".join(f"{n} {dec[n][-1]:.1f}" + (f" (general {gen[n][-1]:.1f})" if gen[n] else "")
-                                           for n in models) + f" tok/s (load {load_average().split()[0]})", flush=True)
+                                           for n in dec) + f" tok/s (load {load_average().split()[0]})", flush=True)
     rows = []
-    for name in models:
+    for name in dec:
         d = median(dec[name])
+        if name == PUBLIC:
+            rows.append([f"herd {name} (herd.load_model + herd.generate)", "–", f"{d:.1f}"]
+                        + ["–"] * len(args.batches) + ([f"– / {d / hf[1]:.1f}×"] if hf else []))
+            continue
         rows.append([f"herd {name}", f"{pre[name]:.0f}", f"{d:.1f}"] + [f"{b:.0f}" for b in batched[name]]
                     + ([f"{pre[name] / hf[0]:.1f}× / {d / hf[1]:.1f}×"] if hf else []))
         if gen[name]:
@@ -212,15 +240,15 @@ def main() -> None:
             rows.append([f"herd {name} (general path)", "", f"{g_:.1f}"] + ["–"] * len(args.batches)
                         + ([f"– / {g_ / hf[1]:.1f}×"] if hf else []))
     if args.compile:
-        model = optimize_for_inference(models["bf16"], compile=True)
+        model = models["bf16"]
         t = time.perf_counter()
-        herd_decode(model, [ids[0, :64].tolist()], 4, kv)  # compiles
+        herd_decode(model, [ids[0, :64].tolist()], 4, kv, compile=True)  # compiles
         took = time.perf_counter() - t
-        d = herd_decode(model, [ids[0].tolist()], args.new, kv)
+        d = herd_decode(model, [ids[0].tolist()], args.new, kv, compile=True)
         rows.append(["herd bf16, compiled step", "", f"{d:.1f}"] + ["–"] * len(args.batches)
                     + ([f"– / {d / hf[1]:.1f}×"] if hf else []))
         print(f"herd bf16, compiled step: decode {d:.1f} tok/s, compile {took:.0f}s (load {load_average().split()[0]})")
-    del models
+    del models, public
     gc.collect()
     header = (["engine", f"prefill {args.prompt} (tok/s)", "decode B=1 (tok/s)"]
               + [f"decode B={B}, prompt {args.batch_prompt} (tok/s)" for B in args.batches]
