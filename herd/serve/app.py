@@ -630,11 +630,8 @@ async def _collect(handle, choices, request: Request | None):
 async def _chat_full(ctx: _ChatCtx, handle, request: Request) -> dict:
     s, tok = ctx.s, ctx.s.tokenizer
     choices = [_Choice(i) for i in range(ctx.n)]
-    try:
-        if not await _collect(handle, choices, request):
-            return Response(status_code=499)
-    except APIError:
-        raise
+    if not await _collect(handle, choices, request):
+        return Response(status_code=499)  # the client went away; its sequences were cancelled
     out, guard = [], None
     for ch in choices:
         calls = _tool_calls(ctx, ch)
