@@ -46,7 +46,7 @@ APART: list[tuple[str, str]] = [("herd.model", "herd.data"), ("herd.train", "her
 
 # The exceptions, (importer prefix, imported prefix): post-training lives in herd/train/ and may
 # generate with herd.inference (RL rollouts, samples for distillation, DPO pairs from the policy,
-# samples during mid-training); pre-training's loop and checkpoints may not, and herd.inference
+# samples during mid-training, pass@k for pruning); pre-training's loop and checkpoints may not, and herd.inference
 # never imports herd.train.
 EXCEPTIONS: set[tuple[str, str]] = {
     ("herd.train.rl", "herd.inference"),
@@ -54,6 +54,7 @@ EXCEPTIONS: set[tuple[str, str]] = {
     ("herd.train.dpo", "herd.inference"),
     ("herd.train.distill", "herd.inference"),
     ("herd.train.midtrain", "herd.inference"),
+    ("herd.train.prune", "herd.inference"),  # SFT data pruning by pass@k of the model's own samples
 }
 
 
