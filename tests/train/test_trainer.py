@@ -1,5 +1,5 @@
 """The training loop end to end on a few steps: outputs, optimizer effects, exact resume,
-the vision-alignment freeze, FP8, and a 2-process torchrun (gloo, FSDP2) run."""
+the vision-alignment freeze, FP8, and 2-process torchrun (gloo, FSDP2) runs against one process."""
 
 from __future__ import annotations
 
@@ -112,26 +112,87 @@ def test_fp8_run_tracks_bf16(tmp_path, shared, recipe):
     assert any(x["loss"] != y["loss"] for x, y in zip(a, b))  # FP8 really ran
 
 
-def test_torchrun_two_ranks_match_one_and_checkpoint_loads_in_one(tmp_path, shared):
+# ----- two ranks against one process ---------------------------------------------------------------
+# Two gloo ranks and one process sum the same gradients in different orders, so they agree to
+# float32 rounding only. What follows from that is compared tightly; what amplifies it is kept out:
+#   * fp32 (--no-bf16): bf16 autocast rounds the two runs' activations differently, and AdamW's
+#     first update (≈ lr · sign(g)) turns those roundings into whole-lr steps on small gradients;
+#   * the routed model is compared on its first step only: after one update, a top-1 router sends
+#     a few tokens to other experts in one run and not the other (a different amount on each CPU);
+#   * the trajectory (three steps: optimizer state and data position carried across steps) runs
+#     on the same model made dense (tests/train/dense_train.py), where nothing is discrete.
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+DENSE = str(Path(__file__).with_name("dense_train.py"))
+
+
+def _herd(launcher: list[str], shared, out, *more: str) -> None:
     args = ["train", "--preset", "tiny", "--batch-size", "4", "--seq-len", "64", "--warmup", "2", "--eval-every", "100",
-            "--log-every", "1", "--max-docs", "25", "--ckpt-every", "3", "--no-progress", "--threads", "1",
-            "--tokenizer", shared["tokenizer"], "--data-cache", shared["data_cache"], "--max-steps"]
+            "--log-every", "1", "--max-docs", "25", "--no-progress", "--threads", "1", "--no-bf16",
+            "--tokenizer", shared["tokenizer"], "--data-cache", shared["data_cache"], "--out", str(out), *more]
     env = dict(os.environ, PYTHONPATH=os.getcwd(), OMP_NUM_THREADS="1")
-    two = tmp_path / "two"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
-    r = subprocess.run([*torchrun, "-m", "herd", *args, "3", "--out", str(two)], env=env, capture_output=True, text=True,
-                       timeout=600)
+    r = subprocess.run([*launcher, *args], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    one = tmp_path / "one"
-    r = subprocess.run([sys.executable, "-m", "herd", *args, "3", "--out", str(one)], env=env, capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    la, lb = [x["loss"] for x in metrics(two)], [x["loss"] for x in metrics(one)]
-    assert len(la) == 3 and all(abs(x - y) < 2e-3 * y for x, y in zip(la, lb)), (la, lb)
+
+
+def _initial_weights(dense: bool = False) -> dict:
+    """The weights every run starts from (seed 0, MetaP init), rebuilt as the trainer builds them."""
+    from herd.train import metap
+
+    cfg = herd.get_config("tiny")
+    if dense:
+        cfg.text.moe_layers = []
+    model = herd.build_model(cfg, init=False)
+    metap.init_metap(model, metap.MetaPConfig(), generator=torch.Generator().manual_seed(0))
+    return model.state_dict()
+
+
+def _update_gap(w0: dict, wa: dict, wb: dict, lr: float) -> tuple[float, float]:
+    """(whole-model, worst-tensor) relative difference of two runs' updates wa − w0 and wb − w0."""
+    num = den = 0.0
+    worst = 0.0
+    for k in wb:
+        da, db = (wa[k] - w0[k]).double(), (wb[k] - w0[k]).double()
+        assert db.abs().max() < 2 * lr, f"{k}: not the update from the rebuilt initial weights"
+        n, d = db.norm().item(), (da - db).norm().item()
+        num, den = num + d * d, den + n * n
+        if n > 0:
+            worst = max(worst, d / n)
+    return (num / den) ** 0.5, worst
+
+
+def test_torchrun_two_ranks_take_the_same_first_step_and_checkpoint_loads_in_one(tmp_path, shared):
+    """The routed tiny model (MoE, FSDP2 over gloo): same loss, gradient norm and parameter update
+    as one process at step 1 (measured: update gap 4e-5 of the update, loss equal to 5 decimals);
+    the 2-rank checkpoint holds full tensors that one process loads and resumes."""
+    two, one = tmp_path / "two", tmp_path / "one"
+    _herd([*TORCHRUN, "-m", "herd"], shared, two, "--max-steps", "2", "--stop-after", "1")
+    _herd([sys.executable, "-m", "herd"], shared, one, "--max-steps", "2", "--stop-after", "1")
+    (a,), (b,) = metrics(two), metrics(one)
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-5) and a["grad_norm"] == pytest.approx(
+        b["grad_norm"], rel=2e-4), (a, b)
+    wa = read_safetensors(two / "checkpoints" / "step_000001" / "model.safetensors")
+    wb = read_safetensors(one / "checkpoints" / "step_000001" / "model.safetensors")
+    whole, worst = _update_gap(_initial_weights(), wa, wb, lr=3e-3)
+    assert whole < 1e-3 and worst < 1e-2, (whole, worst)
     # the 2-rank checkpoint holds full tensors: one process loads and resumes it
-    ck = two / "checkpoints" / "step_000003"
-    assert herd.load_model(ck).config.is_multimodal
-    r = subprocess.run([sys.executable, "-m", "herd", *args, "4", "--out", str(two), "--resume"], env=env,
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert [x["step"] for x in metrics(two)] == [1, 2, 3, 4]
+    assert herd.load_model(two / "checkpoints" / "step_000001").config.is_multimodal
+    _herd([sys.executable, "-m", "herd"], shared, two, "--max-steps", "2", "--resume")
+    assert [x["step"] for x in metrics(two)] == [1, 2] and "digit_acc" in metrics(two)[-1]
+
+
+def test_torchrun_two_ranks_follow_one_process_for_three_steps_on_a_dense_model(tmp_path, shared):
+    """Optimizer state and data positions carried across steps under FSDP2: with no routing to
+    amplify float32 rounding, 2 ranks and one process follow the same trajectory (measured: losses
+    equal to 5 decimals at every step, gradient norms within 7e-5)."""
+    two, one = tmp_path / "two", tmp_path / "one"
+    _herd([*TORCHRUN, DENSE], shared, two, "--max-steps", "3")
+    _herd([sys.executable, DENSE], shared, one, "--max-steps", "3")
+    ma, mb = metrics(two), metrics(one)
+    assert [x["step"] for x in ma] == [x["step"] for x in mb] == [1, 2, 3]
+    for a, b in zip(ma, mb):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-5), (ma, mb)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=2e-4), (ma, mb)
+    assert len({x["loss"] for x in ma}) == 3  # it really trained
+    whole, worst = _update_gap(_initial_weights(dense=True), read_safetensors(two / "model.safetensors"),
+                               read_safetensors(one / "model.safetensors"), lr=3 * 3e-3)
+    assert whole < 1e-3 and worst < 1e-2, (whole, worst)
