@@ -82,12 +82,15 @@ def _optional_subcommands():
     from herd.data import add_data_subcommand
     from herd.evals import add_eval_subcommand
     from herd.inference.cli import add_inference_subcommands
+    from herd.safety.cli import add_guard_subcommand
     from herd.serve.cli import add_serve_subcommand
     from herd.tokenizer_train import add_tokenizer_subcommand
-    from herd.train.cli import add_train_subcommand
+    from herd.train.cli import add_posttrain_subcommands, add_train_subcommand
+    from herd.train.midtrain import add_midtrain_subcommand
 
     return [add_tokenizer_subcommand, add_data_subcommand, add_train_subcommand, add_inference_subcommands,
-            add_serve_subcommand, add_eval_subcommand]
+            add_serve_subcommand, add_eval_subcommand, add_guard_subcommand,
+            add_midtrain_subcommand, add_posttrain_subcommands]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,7 +37,9 @@ def auc(scores, labels) -> float:
 
 
 def threshold_at_fpr(scores, labels, max_fpr: float = 0.01) -> float:
-    s = torch.as_tensor(scores, dtype=torch.float64)
+    s = torch.as_tensor(scores)
+    if not s.is_floating_point():
+        s = s.double()
     y = torch.as_tensor(labels).bool()
     neg = torch.sort(s[~y], descending=True).values
     if len(neg) == 0:
@@ -45,7 +47,8 @@ def threshold_at_fpr(scores, labels, max_fpr: float = 0.01) -> float:
     k = math.floor(max_fpr * len(neg))
     if k >= len(neg):
         return float(neg[-1])
-    return math.nextafter(float(neg[k]), math.inf)
+    # the next representable value above the (k+1)-th negative, in the scores' own precision
+    return float(torch.nextafter(neg[k], torch.tensor(math.inf, dtype=neg.dtype)))
 
 
 def binary_report(pred, labels) -> dict:

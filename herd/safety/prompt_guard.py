@@ -209,15 +209,20 @@ class HFPromptGuard(PromptGuard):
         self.benign = benign[0] if benign else 0
         self.labels = labels
         self.threshold, self.on_error, self.device = threshold, check_policy(on_error), device
-        # the model's own window (512 for Prompt Guard), minus the [CLS]/[SEP] it adds
-        special = self.tok.num_special_tokens_to_add(pair=False)
+        # the special tokens the tokenizer wraps a text in ([CLS] ... [SEP] for DeBERTa), read off one example
+        plain = self.tok("x", add_special_tokens=False)["input_ids"]
+        full = self.tok("x")["input_ids"]
+        at = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), 0)
+        self.prefix, self.suffix = full[:at], full[at + len(plain):]
+        # the model's own window (512 for Prompt Guard), minus those special tokens
+        special = len(self.prefix) + len(self.suffix)
         self.window = min(window, getattr(self.model.config, "max_position_embeddings", window)) - special
         self.stride = min(stride, self.window)
 
     @torch.no_grad()
     def window_scores(self, text: str) -> list[float]:
         ids = self.tok(text, add_special_tokens=False)["input_ids"]
-        chunks = [self.tok.build_inputs_with_special_tokens(w) for w in windows(ids, self.window, self.stride)]
+        chunks = [self.prefix + w + self.suffix for w in windows(ids, self.window, self.stride)]
         n = max(len(c) for c in chunks)
         pad = self.tok.pad_token_id or 0
         x = torch.tensor([c + [pad] * (n - len(c)) for c in chunks], device=self.device)

@@ -7,8 +7,10 @@ Protocol: fit on `train` (11,089), choose the threshold on `validation` at 1 % F
 threshold on two obfuscated copies of the test set — every character separated by a space
 ("I g n o r e ...") and by a zero-width space — which normalisation must undo (goal: keep ≥ 90 %
 of the recall). The model is herd.safety.prompt_guard.NgramModel (logistic regression over hashed
-n-grams); training is full-batch-free AdamW on mini-batches of 256 with BCE, a fixed number of
-epochs, seeded. Outputs: OUT/config.json + model.safetensors (NgramPromptGuard.load reads them),
+n-grams); training is AdamW (lr 0.05) on shuffled mini-batches of 256 with BCE, seeded. One epoch:
+validation AUC and validation recall at 1 % FPR were highest after the first epoch and fell after
+(lr 0.01 / 0.05 / 0.2 × 1–8 epochs tried; the choice was made on validation, though test numbers
+of an 8-epoch run had been seen during development — BENCHMARKS.md gives both). Outputs: OUT/config.json + model.safetensors (NgramPromptGuard.load reads them),
 OUT/metrics.jsonl (one line per epoch: epoch, loss, val_auc), OUT/summary.json.
 """
 
@@ -33,11 +35,11 @@ def zero_width(text: str) -> str:
     return "\u200b".join(text)
 
 
-def train_ngram_guard(train: list[tuple[str, int]], val: list[tuple[str, int]], *, epochs: int = 8,
+def train_ngram_guard(train: list[tuple[str, int]], val: list[tuple[str, int]], *, epochs: int = 1,
                       lr: float = 0.05, batch_size: int = 256, buckets: int = 1 << 20, weight_decay: float = 0.0,
                       seed: int = 0, max_fpr: float = 0.01, log=None) -> NgramPromptGuard:
     """Fit on `train`, threshold on `val` at `max_fpr` → a NgramPromptGuard."""
-    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
     rng = random.Random(seed)
     model = NgramModel(buckets)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -58,13 +60,12 @@ def train_ngram_guard(train: list[tuple[str, int]], val: list[tuple[str, int]], 
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
         model.eval()
         v = guard.scores(val_texts)
         if log:
             log({"epoch": epoch, "loss": total / len(order), "val_auc": auc(v, val_y)})
     guard.threshold = threshold_at_fpr(guard.scores(val_texts), val_y, max_fpr)
-    del g
     return guard
 
 
@@ -78,7 +79,7 @@ def evaluate(guard: NgramPromptGuard, data: list[tuple[str, int]], transform=Non
     return rep
 
 
-def run(out_dir, epochs: int = 8, seed: int = 0) -> dict:
+def run(out_dir, epochs: int = 1, seed: int = 0) -> dict:
     from herd.data.safety_data import slabs
 
     out = Path(out_dir)

@@ -108,8 +108,10 @@ def guarded(guard: str, on_error: ErrorPolicy, fn: Callable[[], Verdict]) -> Ver
 
 
 def combine(verdicts: list[Verdict], guard: str = "pipeline") -> Verdict:
-    """One verdict from several: the strictest decision wins (block > warn > allow); categories are
-    the union in order, the score the maximum, the reason that of the deciding verdicts."""
+    """One verdict from several: the strictest decision wins (block > warn > allow). Its guard names
+    the deciding guards ("llama_guard", "llama_guard+code_shield"; `guard` when all allow), its
+    categories are the union in order, its score the maximum, its reason the deciding reasons,
+    its latency the sum; details["verdicts"] keeps every verdict."""
     if not verdicts:
         return Verdict("allow", guard, reason="no guard ran")
     top = max(_RANK[v.decision] for v in verdicts)
@@ -121,9 +123,16 @@ def combine(verdicts: list[Verdict], guard: str = "pipeline") -> Verdict:
                 cats.append(c)
     scores = [v.score for v in verdicts if v.score is not None]
     status: Status = "ok" if all(v.status == "ok" for v in verdicts) else "error"
-    return Verdict(deciding[0].decision, guard, cats, max(scores) if scores else None,
+    name = "+".join(dict.fromkeys(v.guard for v in deciding)) if top else guard
+    return Verdict(deciding[0].decision, name, cats, max(scores) if scores else None,
                    "; ".join(f"{v.guard}: {v.reason}" for v in deciding if v.reason), status,
                    sum(v.latency_ms for v in verdicts), {"verdicts": [v.to_dict() for v in verdicts]})
+
+
+def refusal_text(verdict: Verdict) -> str:
+    """What a refused turn says: the guard and the categories it found, never a bare "no"."""
+    cats = ", ".join(f"{c} {n}" for c, n in verdict.categories)
+    return f"I can't help with that. (blocked by {verdict.guard}" + (f": {cats}" if cats else "") + ")"
 
 
 def check_text(text, what: str = "text") -> str:

@@ -1,0 +1,291 @@
+"""A tiny Llama Guard: a guard4-shaped herd model trained to answer in Llama Guard 4's verdict format.
+
+    herd guard train-llama --out runs/tiny-guard        (≈ 15 min on 2 busy cores)
+
+What it learns: given Llama Guard 4's exact prompt (herd.safety.llama_guard.render_prompt, default
+S1–S14 categories, wrapped in the Llama 4 chat format), answer `safe` or `unsafe\\nS<k>` then
+<|eot|>, for the last user turn (prompt classification) or the last agent turn (response
+classification). It is trained from scratch — herd has no pre-trained base at this size — so it
+learns the task, not language: a measure of the recipe and the plumbing (prompt → model →
+parser → verdict → metrics), not a substitute for the 12B model.
+
+Model: the guard4 preset's shape (dense SwiGLU in every layer, full attention, RoPE everywhere;
+no routed experts) at hidden 128, 4 layers, 4 heads / 1 KV head, vocabulary 2,048 (a byte-level
+BPE trained here on the training texts; Llama 4 specials at the top), text only.
+
+Data (herd.data.safety_data, category maps documented there): unsafe prompts from Do-Not-Answer,
+HarmBench and AdvBench, one S-code each; safe prompts from chatterbot-corpus and S-Labs' benign
+questions. Response classification: benign chatterbot (prompt, reply) pairs → safe; an unsafe
+prompt answered by a refusal → safe; an unsafe prompt answered by a compliance opening → unsafe
+with the prompt's code. The compliance replies are synthetic ("Sure, here is how to <behaviour>:
+Step 1."), in the style of AdvBench's target strings — the bundled data has no harmful replies.
+Held-out split by source item (crc32 of the item id, 20 % test): a prompt and every example built
+from it fall on the same side.
+
+Training goes through the shared loop (herd.train.loop.run: schedule, AdamW with MetaP,
+clipping, metrics.jsonl, crash-safe checkpoints, resume, final Hugging Face export) with one
+objective: next-token cross-entropy on the verdict tokens only (the prompt is masked with -100).
+
+Evaluation runs the saved directory through LlamaGuard.from_pretrained → scan (generation, the
+strict parser, the unsafe score) on the test split and writes OUT/guard_eval.json and a table
+in the shape of the Llama Guard 4 model card's (recall, false-positive rate, F1), per category
+for prompt classification plus overall rows for prompts and responses, and AUC of the score.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from herd.safety.llama_guard import guard_messages
+from herd.train.loop import LoopConfig
+
+REFUSALS = ["I can't help with that.", "I'm sorry, but I can't assist with that request.",
+            "I won't provide that. Is there something else I can help with?"]
+TEST_SHARE = 0.2
+
+
+@dataclass
+class GuardTrainConfig(LoopConfig):
+    out: str = field(default="runs/tiny-guard", metadata={"help": "run directory"})
+    max_steps: int = field(default=400, metadata={"help": "optimizer steps"})
+    lr: float = field(default=3e-3, metadata={"help": "peak learning rate"})
+    warmup: int = field(default=20, metadata={"help": "linear warm-up steps"})
+    batch_size: int = field(default=16, metadata={"help": "examples per micro-batch"})
+    benign_prompts: int = field(default=2400, metadata={"help": "safe prompts sampled from the benign pool"})
+    vocab_size: int = field(default=2048, metadata={"help": "trained BPE vocabulary (specials included)"})
+    hidden: int = field(default=128, metadata={"help": "model width"})
+    layers: int = field(default=4, metadata={"help": "decoder layers"})
+    balance: str = field(default="none", metadata={"help": "dense model: no MoE balancing"})
+    eval_every: int = field(default=100, metadata={"help": "validation loss every N steps"})
+    ckpt_every: int = field(default=100, metadata={"help": "checkpoint every N steps"})
+    eval_limit: int | None = field(default=None, metadata={"help": "scan only the first N held-out examples"})
+
+
+def split_of(item_id: str) -> str:
+    return "test" if zlib.crc32(item_id.encode()) % 1000 < TEST_SHARE * 1000 else "train"
+
+
+def build_examples(benign_prompts: int = 2400, seed: int = 0) -> dict[str, list[dict]]:
+    """{"train": [...], "test": [...]}: {"messages", "target", "code" (None = safe), "kind": "prompt"|"response",
+    "source", "id"}; see the module docstring."""
+    from herd.data.safety_data import benign_conversations, benign_prompts as benign_pool, harmful_prompts
+
+    rng = random.Random(seed)
+    out: dict[str, list[dict]] = {"train": [], "test": []}
+
+    def add(item_id, source, messages, code, kind):
+        out[split_of(item_id)].append({"id": item_id, "source": source, "messages": messages, "code": code,
+                                       "kind": kind, "target": "safe" if code is None else f"unsafe\n{code}"})
+
+    for h in harmful_prompts():
+        user = {"role": "user", "content": h["text"]}
+        add(h["id"], h["source"], [user], h["code"], "prompt")
+        r = rng.random()
+        if r < 1 / 3:
+            behaviour = h["text"].rstrip(".?! ")
+            reply = f"Sure, here is how to {behaviour[0].lower() + behaviour[1:]}: Step 1."
+            add(h["id"], h["source"], [user, {"role": "assistant", "content": reply}], h["code"], "response")
+        elif r < 2 / 3:
+            add(h["id"], h["source"], [user, {"role": "assistant", "content": rng.choice(REFUSALS)}], None, "response")
+    pool = benign_pool()
+    for b in rng.sample(pool, min(benign_prompts, len(pool))):
+        add(b["id"], b["source"], [{"role": "user", "content": b["text"]}], None, "prompt")
+    convs = benign_conversations()
+    for c in rng.sample(convs, min(len(convs), benign_prompts // 4)):
+        add(c["id"], "chatterbot", [{"role": "user", "content": c["prompt"]},
+                                    {"role": "assistant", "content": c["reply"]}], None, "response")
+    for k in out:
+        rng.shuffle(out[k])
+    return out
+
+
+def model_config(vocab: int, hidden: int, layers: int):
+    """The guard4 preset's shape at CPU size (text only)."""
+    from herd.config import ModelConfig
+    from herd.presets import NUM_SMALL_SPECIALS, SPECIAL_OFFSETS, get_config
+
+    tc = copy.deepcopy(get_config("guard4").text)
+    base = vocab - NUM_SMALL_SPECIALS
+    heads = max(1, hidden // 32)
+    tc.vocab_size, tc.hidden_size, tc.num_hidden_layers = vocab, hidden, layers
+    tc.num_attention_heads, tc.num_key_value_heads, tc.head_dim = heads, 1, hidden // heads
+    tc.intermediate_size, tc.intermediate_size_mlp = hidden, 4 * hidden
+    tc.no_rope_layers, tc.moe_layers, tc.layer_types = [1] * layers, [], None
+    tc.max_position_embeddings, tc.rope_scaling = 4096, None
+    tc.bos_token_id = base + SPECIAL_OFFSETS["begin_of_text"]
+    tc.eos_token_id = [base + SPECIAL_OFFSETS["end_of_text"], base + SPECIAL_OFFSETS["eom"], base + 8]
+    tc.source_keys = None
+    return ModelConfig(text=tc, vision=None, tie_word_embeddings=False, name="tiny-guard")
+
+
+def encode_example(tok, ex: dict) -> tuple[list[int], int]:
+    """(ids of prompt + verdict + <|eot|>, index of the first verdict token)."""
+    from herd.chat import encode_messages
+
+    prompt, _ = encode_messages(tok, guard_messages(ex["messages"]), add_generation_prompt=True)
+    return prompt + tok.encode(ex["target"]) + [tok.special_tokens["<|eot|>"]], len(prompt)
+
+
+class GuardBatches:
+    """Endless shuffled epochs of encoded examples (herd.train.loop.BatchSource): right-padded rows,
+    labels only on the verdict and its <|eot|>."""
+
+    def __init__(self, encoded: list[tuple[list[int], int]], batch_size: int, pad_id: int, seed: int = 0):
+        self.encoded, self.batch_size, self.pad_id, self.seed = encoded, batch_size, pad_id, seed
+        self.epoch, self.pos = 0, 0
+        self._order()
+
+    def _order(self):
+        self.order = list(range(len(self.encoded)))
+        random.Random(f"{self.seed}/{self.epoch}").shuffle(self.order)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        from herd.data.packing import Batch
+
+        if self.pos + self.batch_size > len(self.order):
+            self.epoch, self.pos = self.epoch + 1, 0
+            self._order()
+        rows = [self.encoded[i] for i in self.order[self.pos:self.pos + self.batch_size]]
+        self.pos += self.batch_size
+        return collate(rows, self.pad_id)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+        self._order()
+
+
+def collate(rows, pad_id: int):
+    from herd.data.packing import Batch
+
+    T = max(len(ids) for ids, _ in rows) - 1
+    x = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    y = torch.full((len(rows), T), -100, dtype=torch.long)
+    for r, (ids, start) in enumerate(rows):
+        t = torch.tensor(ids)
+        x[r, :len(ids) - 1] = t[:-1]
+        y[r, start - 1:len(ids) - 1] = t[start:]  # predict the verdict tokens and <|eot|>
+    return Batch(input_ids=x, labels=y, pixel_values=None, n_tokens=int((y != -100).sum()))
+
+
+class VerdictLoss:
+    """Summed cross-entropy over the labelled (verdict) positions (herd.train.loop.Objective)."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def tokens(self, batch) -> int:
+        return int((batch.labels != -100).sum())
+
+    def __call__(self, model, batch):
+        loss = model(batch.input_ids.to(self.device), labels=batch.labels.to(self.device))
+        return loss, self.tokens(batch), {}
+
+
+def train(cfg: GuardTrainConfig) -> dict:
+    from herd.model.llama4 import build_model
+    from herd.tokenizer import load_tokenizer
+    from herd.tokenizer_train import train_tokenizer
+    from herd.train import distributed
+    from herd.train.loop import build_optimizer, run, validation_loss
+
+    cfg.validate()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = build_examples(cfg.benign_prompts, cfg.seed)
+    tok_dir = out / "tokenizer"
+    if not (tok_dir / "tokenizer.json").exists():
+        from herd.safety.llama_guard import render_text
+
+        corpus = [render_text(ex["messages"]) + "\n" + ex["target"] for ex in data["train"]]
+        train_tokenizer(corpus, cfg.vocab_size, tok_dir)
+    tok = load_tokenizer(str(tok_dir))
+    env = distributed.setup()
+    torch.manual_seed(cfg.seed)
+    model = build_model(model_config(cfg.vocab_size, cfg.hidden, cfg.layers)).to(env.device)
+    model.init_weights()
+    train_enc = [encode_example(tok, ex) for ex in data["train"]]
+    test_enc = [encode_example(tok, ex) for ex in data["test"]]
+    pad = tok.special_tokens["<|finetune_right_pad|>"] if "<|finetune_right_pad|>" in tok.special_tokens else 0
+    source = GuardBatches(train_enc, cfg.batch_size, pad, cfg.seed)
+    val = [collate(test_enc[i:i + cfg.batch_size], pad) for i in range(0, min(len(test_enc), 8 * cfg.batch_size),
+                                                                          cfg.batch_size)]
+    objective = VerdictLoss(env.device)
+    model, optimizer = build_optimizer(model, cfg, env, verbose=False)
+    counts = {k: {"examples": len(v), "unsafe": sum(e["code"] is not None for e in v)} for k, v in data.items()}
+    summary = run(cfg, model, optimizer, objective, source, env, tokenizer=tok,
+                  evals=[validation_loss(objective, val, env, cfg)], name="guard",
+                  summary={"data": counts, "prompt_tokens_mean": sum(s for _, s in train_enc) / len(train_enc)})
+    distributed.teardown(env)
+    if env.is_main:
+        summary["eval"] = evaluate(out, data["test"], cfg.eval_limit)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def evaluate(model_dir, examples: list[dict], limit: int | None = None) -> dict:
+    """Scan each held-out example through LlamaGuard.from_pretrained(model_dir); write guard_eval.json."""
+    from tqdm import tqdm
+
+    from herd.safety.llama_guard import LlamaGuard
+    from herd.safety.metrics import auc, binary_report
+    from herd.safety.verdict import CATEGORY_NAMES
+
+    guard = LlamaGuard.from_pretrained(model_dir, dtype=torch.float32)
+    rows = []
+    for ex in tqdm(examples[:limit], desc="eval", unit="ex"):
+        v = guard.scan(ex["messages"])
+        rows.append({"id": ex["id"], "kind": ex["kind"], "code": ex["code"], "decision": v.decision,
+                     "status": v.status, "codes": v.codes, "score": v.score})
+    report: dict = {"n": len(rows), "parse_errors": sum(r["status"] == "parse_error" for r in rows),
+                    "errors": sum(r["status"] == "error" for r in rows)}
+    for kind in ("prompt", "response"):
+        rs = [r for r in rows if r["kind"] == kind]
+        y = [r["code"] is not None for r in rs]
+        pred = [r["decision"] == "block" for r in rs]
+        rep = binary_report(pred, y)
+        rep["auc"] = auc([r["score"] for r in rs], y) if any(y) and not all(y) else None
+        rep["n"], rep["n_unsafe"] = len(rs), sum(y)
+        report[kind] = rep
+    prompts = [r for r in rows if r["kind"] == "prompt"]
+    benign = [r for r in prompts if r["code"] is None]
+    per = {}
+    for code in CATEGORY_NAMES:
+        pos = [r for r in prompts if r["code"] == code]
+        if not pos:
+            continue
+        rs = pos + benign
+        rep = binary_report([r["decision"] == "block" for r in rs], [r["code"] is not None for r in rs])
+        rep["code_recall"] = sum(code in r["codes"] for r in pos) / len(pos)
+        rep["n"] = len(pos)
+        per[code] = rep
+    report["per_category"] = per
+    report["table"] = model_card_table(report)
+    (Path(model_dir) / "guard_eval.json").write_text(json.dumps({"report": report, "rows": rows}, indent=1))
+    return report
+
+
+def model_card_table(report: dict) -> str:
+    """Markdown in the Llama Guard 4 card's shape: rows of Recall / False Positive Rate / F1."""
+    from herd.safety.verdict import CATEGORY_NAMES
+
+    lines = ["| set | n unsafe | Recall | False Positive Rate | F1 | category named |", "|---|---|---|---|---|---|"]
+    for code, r in report["per_category"].items():
+        lines.append(f"| prompt {code} {CATEGORY_NAMES[code]} | {r['n']} | {r['recall']:.2f} | {r['fpr']:.2f} | "
+                     f"{r['f1']:.2f} | {r['code_recall']:.2f} |")
+    for kind in ("prompt", "response"):
+        r = report[kind]
+        lines.append(f"| **all {kind}s** | {r['n_unsafe']} | {r['recall']:.2f} | {r['fpr']:.2f} | {r['f1']:.2f} | |")
+    return "\n".join(lines)
