@@ -6,7 +6,7 @@
     model = herd.load_model(path, for_inference=True)   # load straight into the prepared form
 
 Nobody has to ask for speed: herd.generate, herd.generate_stream, herd.Engine and Session call
-`inference_view`, which hands back a prepared copy of a trainable model (built once, rebuilt when
+`inference_view`, which hands back a prepared copy of a trainable CPU model (built once, rebuilt when
 an optimizer step or a load changes any weight) and passes prepared or foreign models through.
 The trainable model is never touched: not its classes, not its parameters, not its train/eval mode.
 
@@ -348,9 +348,11 @@ _VIEWS_LOCK = threading.Lock()
 
 def inference_view(model):
     """The model to run inference on: a prepared model or anything that is not a herd Llama4 (a
-    mock in tests) as it is; for a trainable Llama4, its prepared copy (optimize_for_inference),
-    kept while the model lives and rebuilt once its weights change (weights_version)."""
-    if isinstance(model, InferenceLlama4) or not isinstance(model, Llama4):
+    mock in tests) as it is; for a trainable Llama4 on the CPU, its prepared copy
+    (optimize_for_inference), kept while the model lives and rebuilt once its weights change
+    (weights_version). The prepared form and its batch-1 step are built for CPU decode; a model on
+    another device runs the general forward, as it is."""
+    if isinstance(model, InferenceLlama4) or not isinstance(model, Llama4) or model.device.type != "cpu":
         return model
     version = weights_version(model)
     with _VIEWS_LOCK:

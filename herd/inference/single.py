@@ -130,8 +130,9 @@ class SingleDecoder:
 
     @classmethod
     def applies(cls, model) -> bool:
-        """The step runs prepared models whose MoE layers route each token to one expert."""
-        return isinstance(model, InferenceLlama4) and all(ff.top_k == 1 for ff in model.moe_layers())
+        """The step runs prepared CPU models whose MoE layers route each token to one expert."""
+        return (isinstance(model, InferenceLlama4) and model.device.type == "cpu"
+                and all(ff.top_k == 1 for ff in model.moe_layers()))
 
     @classmethod
     def for_model(cls, model, compile: bool = False) -> "SingleDecoder | None":
