@@ -296,6 +296,34 @@ def _finish(reason: str | None) -> str:
     return {"cancelled": "abort"}.get(reason, reason or "stop")
 
 
+class BodyLimit:
+    """413 for a body over `limit` bytes: by its Content-Length before reading, or while a chunked body
+    arrives. A plain ASGI middleware (Starlette's BaseHTTPMiddleware would hide client disconnects
+    from the handlers, and a disconnect must cancel the request's sequences)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        err = PayloadTooLarge(f"the request body is larger than {self.limit} bytes")
+        size = dict(scope["headers"]).get(b"content-length", b"")
+        if size.isdigit() and int(size) > self.limit:
+            return await JSONResponse(err.body(), status_code=413)(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise err
+            return message
+
+        await self.app(scope, counted, send)
+
+
 # ----------------------------------------------------------------------------- the app
 def create_app(settings: Settings | None = None, engine=None) -> FastAPI:
     """The FastAPI app. engine None: the server answers 503 until `app.state.server.attach(engine)`."""
@@ -336,13 +364,7 @@ def create_app(settings: Settings | None = None, engine=None) -> FastAPI:
         log.exception("unhandled error")
         return await _api_error(request, InternalError(f"internal error: {type(err).__name__}"))
 
-    @app.middleware("http")
-    async def _limit_body(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > settings.max_body_bytes:
-            err = PayloadTooLarge(f"the request body is larger than {settings.max_body_bytes} bytes")
-            return JSONResponse(err.body(), status_code=413)
-        return await call_next(request)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
 
     # ----- auth: a dependency of the API router ------------------------------------------------------
     def check_key(request: Request) -> None:
@@ -603,16 +625,19 @@ def _usage(prompt_len: int, choices) -> dict:
 async def _collect(handle, choices, request: Request | None):
     """Events → choices until every choice finished; cancels when the client disconnects."""
     it = handle.__aiter__()
+    checked = time.monotonic()
     while True:
         nxt = asyncio.ensure_future(it.__anext__())
         while True:
-            done, _ = await asyncio.wait({nxt}, timeout=0.5)
+            done, _ = await asyncio.wait({nxt}, timeout=0.25)
+            if request is not None and (not done or time.monotonic() - checked > 0.25):
+                checked = time.monotonic()
+                if await request.is_disconnected():  # checked while tokens flow too
+                    nxt.cancel()
+                    handle.cancel()
+                    return False
             if done:
                 break
-            if request is not None and await request.is_disconnected():
-                nxt.cancel()
-                handle.cancel()
-                return False
         try:
             index, ev = nxt.result()
         except StopAsyncIteration:

@@ -55,3 +55,9 @@ def test_serve_a_model_directory_end_to_end(tiny, tmp_path):
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) in (0, 130)  # 130: interrupted, as after Ctrl-C
+
+
+def test_a_bad_guard_config_is_a_one_line_error(capsys, tmp_path):
+    assert run_cli(["serve", "tiny", "--guards", str(tmp_path / "missing.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("herd serve: error:") and len(err.strip().splitlines()) == 1

@@ -80,3 +80,20 @@ def test_killing_half_the_streams_frees_their_rows(tiny):
         generated = float(next(ln.split()[-1] for ln in metrics.splitlines()
                                if ln.startswith("herd_generation_tokens_total")))
         assert generated < 16 * 40 + 16 * 100
+
+
+def test_a_non_streaming_client_that_leaves_is_cancelled(tiny):
+    from tests.serve.conftest import ScriptedEngine
+
+    engine = ScriptedEngine(tiny, "word " * 300, delay=0.02)
+    app = create_app(Settings(model_name="tiny"), engine)
+    server = app.state.server
+    with live_server(app) as url:
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(url + "/v1/chat/completions", timeout=0.5,
+                       json={"messages": [{"role": "user", "content": "hi"}]})
+        t0 = time.time()
+        while server.loop.in_flight and time.time() - t0 < 5:
+            time.sleep(0.05)
+        assert server.loop.in_flight == 0 and not engine.active
+        assert time.time() - t0 < 3  # well before the 300-token reply would have finished (~6 s)
