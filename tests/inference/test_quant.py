@@ -14,6 +14,7 @@ from herd.inference.cache import KVCache
 from herd.inference.fast import FastLinear, FastMoE, KernelExperts, optimize_for_inference
 from herd.inference.quant import (QuantExperts, QuantLinear, load_quantized, quantize_model, save_quantized)
 from tests.conftest import model_config
+from tests.greedy import assert_greedy_under
 
 # int4 needs every input width divisible by the group size (32 here)
 TEXT = dict(intermediate_size=64, intermediate_size_mlp=128)
@@ -107,5 +108,7 @@ def test_optimize_for_inference_keeps_the_logits(dtype, over):
     tol = 1e-4 if dtype == torch.float32 else 0.05
     assert (got - ref).abs().max().item() <= tol
     assert (inc.float() - ref).abs().max().item() <= tol
-    assert generate(fast, ids, max_new_tokens=10, stop_token_ids=[]) == generate(model, ids, max_new_tokens=10,
-                                                                                stop_token_ids=[])
+    # the fast path decodes greedily under the plain model's logits (to the same tolerance: in bf16 a
+    # near-tie may go the other way, tests/greedy.py)
+    tokens = generate(fast, ids, max_new_tokens=10, stop_token_ids=[])[0]
+    assert_greedy_under(model, ids[0].tolist(), tokens, tol)
