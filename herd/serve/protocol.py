@@ -13,7 +13,7 @@ are built as plain dicts in the handlers' order of OpenAI's objects; their model
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -21,6 +21,7 @@ from herd.serve.errors import BadRequest
 
 MAX_N = 16  # choices per request
 MAX_LOGPROBS = 20  # OpenAI's limit on top_logprobs
+StopList = Annotated[list[str], Field(max_length=16)]  # OpenAI allows 4 stop strings, vLLM any number
 
 
 class OpenAIModel(BaseModel):
@@ -142,7 +143,7 @@ class ChatCompletionRequest(_Sampling):
     presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
     response_format: ResponseFormat | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
-    stop: str | list[str] | None = Field(None, max_length=4)
+    stop: str | StopList | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
@@ -173,7 +174,7 @@ class CompletionRequest(_Sampling):
     n: int | None = Field(1, ge=1, le=MAX_N)
     presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
-    stop: str | list[str] | None = Field(None, max_length=4)
+    stop: str | StopList | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     suffix: str | None = None

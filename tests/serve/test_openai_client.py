@@ -84,6 +84,9 @@ def test_stop_string_cuts_the_reply(client):
                                        extra_body={"ignore_eos": True})
     assert r.choices[0].finish_reason == "stop"
     assert r.choices[0].message.content == text[:text.index(stop)]
+    one = client.chat.completions.create(model="tiny", messages=USER, max_tokens=24, temperature=0, stop=stop,
+                                         extra_body={"ignore_eos": True})  # a single string, not a list
+    assert one.choices[0].message.content == text[:text.index(stop)]
 
 
 def test_seed_makes_sampling_reproducible(client):
