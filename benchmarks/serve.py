@@ -9,6 +9,8 @@ token (p50 / p99) at 1, 8, 32 and 64 concurrent streams, one run, same model, sa
     #                           cmake --build $LCPP/build --target llama-server -j 2
     python benchmarks/serve.py --model /tmp/herd-llamacpp/model-hf --llama-server $LCPP/build/bin/llama-server \
         --gguf /tmp/herd-llamacpp/model-bf16.gguf --threads 2
+    # a follow-up turn that resends 5 images: TTFT with the server's image-feature cache vs without
+    python benchmarks/serve.py --turn2 [--model runs/tiny] --threads 2
 
 Both servers get identical requests through the same endpoint, POST /v1/completions with
 `stream: true`, the prompt as token ids (so no tokenizer is involved: the random model has none
@@ -126,6 +128,61 @@ def smoke_model(tmp: Path) -> tuple[str, str, int]:
     return str(tmp / "model"), str(tmp / "tok"), cfg.text.vocab_size
 
 
+def turn2(args) -> None:
+    """TTFT of a follow-up turn that resends the conversation's images: cold (vision features not
+    cached) against warm (cached by the server), in turns, median of --rounds. herd's engine has no
+    KV prefix cache across requests yet, so both prefill the whole history; the difference is the
+    vision encoder alone."""
+    import threading
+
+    import torch
+    import uvicorn
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import herd
+    from herd.inference.loading import load_for_inference
+    from herd.serve import Settings, create_app
+    from herd.tokenizer_train import train_tokenizer
+    from tests.serve.conftest import png_data_url
+
+    torch.set_num_threads(args.threads)
+    model, tok = load_for_inference(args.model or "tiny", dtype=args.dtype, tokenizer=args.tokenizer)
+    if tok is None:
+        tok = train_tokenizer(["The quick brown fox jumps over the lazy dog. " * 50], model.config.text.vocab_size,
+                              Path(tempfile.mkdtemp()) / "tok")
+    app = create_app(Settings(model_name="bench"), herd.Engine(model, max_batch=4, max_seq_len=8192, tokenizer=tok))
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=srv.run, daemon=True).start()
+    while not srv.started:
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}"
+    images = [{"type": "image_url", "image_url": {"url": png_data_url(i, (200, 300))}} for i in range(args.images)]
+    turn1 = [{"role": "user", "content": [{"type": "text", "text": "What is in these pictures?"}, *images]}]
+    r1 = httpx.post(url + "/v1/chat/completions", json={"messages": turn1, "max_tokens": 16}, timeout=None).json()
+    conv = turn1 + [r1["choices"][0]["message"], {"role": "user", "content": "And in the second one?"}]
+
+    def ttft() -> float:
+        t0 = time.perf_counter()
+        with httpx.stream("POST", url + "/v1/chat/completions", timeout=None,
+                          json={"messages": conv, "max_tokens": 1, "stream": True}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: ") and '"content": ""' not in line:
+                    return time.perf_counter() - t0
+        return float("nan")
+
+    cold, warm = [], []
+    for _ in range(args.rounds):
+        app.state.server._features.clear()
+        cold.append(ttft())
+        warm.append(ttft())
+    srv.should_exit = True
+    app.state.server.close()
+    c, w = statistics.median(cold), statistics.median(warm)
+    print(f"turn 2 ({args.images} images, {r1['usage']['prompt_tokens']}+ prompt tokens): TTFT cold {1e3 * c:.1f} ms, "
+          f"images cached {1e3 * w:.1f} ms ({c / w:.2f}×), median of {args.rounds}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="HF directory of the model (herd side)")
@@ -139,7 +196,13 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--smoke", action="store_true", help="tiny random model, herd only, small settings")
     ap.add_argument("--out", help="write the rows as JSON here")
+    ap.add_argument("--turn2", action="store_true", help="TTFT of a follow-up turn with cached vs new images "
+                    "(in-process server; --model default: the tiny preset, random weights)")
+    ap.add_argument("--images", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
+    if args.turn2:
+        return turn2(args)
     tmp = Path(tempfile.mkdtemp(prefix="herd-serve-bench-"))
     if args.smoke:
         args.model, args.tokenizer, vocab = smoke_model(tmp)
