@@ -119,7 +119,8 @@ BIAS = [0.6, -0.2, -0.3, -0.1]
 
 def test_expert_bias_is_saved_loaded_and_absent_when_zero(tmp_path):
     """Issue 17's case: the default small text model with bias [0.6, −0.2, −0.3, −0.1] in every MoE
-    layer, 16 tokens. Before the fix, 48 of 64 expert choices changed on reload."""
+    layer, 16 tokens: the bias changes 48 of the 64 expert choices, all of which a reload lost
+    before the fix."""
     cfg = model_config(vision=False)
     model = herd.build_model(cfg, seed=0).eval()
     ids = torch.randint(0, 400, (1, 16), generator=torch.Generator().manual_seed(0))
