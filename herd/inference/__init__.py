@@ -7,8 +7,10 @@
 
 Modules: cache (KVCache), sampling (SamplingParams, sample), text (streaming detokenization),
 engine (Engine: continuous batching), generate (generate, generate_stream), session (multi-turn
-cache reuse), quant (int8/int4 weight-only quantization, save/load), fast (decode fast paths),
-loading (model + tokenizer from a preset or directory), cli (`herd generate|chat|quantize`).
+cache reuse), fast (the model prepared for inference: fused products, decode kernels; what
+generate / Engine / Session run, built by themselves), single (the batch-1 decode step), quant
+(int8/int4 weight-only quantization, save/load), loading (herd.load_model: plain and quantized
+directories; model + tokenizer for the CLI), cli (`herd generate|chat|quantize`).
 """
 
 from herd._lazy import lazy_getattr

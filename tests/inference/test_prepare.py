@@ -43,6 +43,7 @@ def test_generate_on_a_trainable_model_runs_the_fast_path_and_leaves_the_model_a
     got = _details(model)
     want = _details(optimize_for_inference(model))  # the explicit fast path
     assert got == want  # tokens and log-probs bit for bit
+    quantize_model(model, bits=8)  # builds its own inference model too
     state, classes, grads, training = _snapshot(model)
     assert classes == before[1] and grads == before[2] and training is True
     assert state.keys() == before[0].keys() and all(torch.equal(state[k], before[0][k]) for k in state)
