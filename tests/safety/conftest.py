@@ -31,7 +31,7 @@ class ScriptedModel(torch.nn.Module):
     def __init__(self, script: list[int], eot: int, vocab: int = VOCAB, margin: float = 10.0):
         super().__init__()
         self.script, self.eot, self.vocab, self.margin = script, eot, vocab, margin
-        self.prompt_len = None
+        self.prompt_len = self.last = None
         self.config = SimpleNamespace(text=SimpleNamespace(max_position_embeddings=4096), vision=None)
         self.dummy = torch.nn.Parameter(torch.zeros(1))
 
@@ -39,8 +39,9 @@ class ScriptedModel(torch.nn.Module):
     dtype = property(lambda self: self.dummy.dtype)
 
     def forward(self, ids, pixel_values=None):
-        if self.prompt_len is None or ids.shape[1] <= self.prompt_len:
+        if self.prompt_len is None or ids.shape[1] != self.last + 1:  # a new prompt (not one more token)
             self.prompt_len = ids.shape[1]
+        self.last = ids.shape[1]
         k = ids.shape[1] - self.prompt_len
         nxt = self.script[k] if k < len(self.script) else self.eot
         logits = torch.zeros(ids.shape[0], ids.shape[1], self.vocab)
