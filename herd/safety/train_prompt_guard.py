@@ -70,12 +70,15 @@ def train_ngram_guard(train: list[tuple[str, int]], val: list[tuple[str, int]], 
 
 
 def evaluate(guard: NgramPromptGuard, data: list[tuple[str, int]], transform=None) -> dict:
-    """Recall / FPR / F1 at the guard's threshold and AUC, through the guard's own scoring path."""
+    """Recall / FPR / F1 at the guard's threshold and AUC, through the guard's own scoring path;
+    plus `recall_at_1pct_fpr`: recall at the threshold giving 1 % FPR on this set itself (how
+    Prompt Guard 2's card reports it — a property of the scores, not a deployable threshold)."""
     texts = [transform(t) if transform else t for t, _ in data]
     y = [l for _, l in data]
-    s = torch.tensor([guard.score(t) for t in texts])
+    s = torch.tensor([guard.score(t) for t in texts], dtype=torch.float64)
     rep = binary_report(s >= guard.threshold, y)
     rep["auc"] = auc(s, y)
+    rep["recall_at_1pct_fpr"] = binary_report(s >= threshold_at_fpr(s, y, 0.01), y)["recall"]
     return rep
 
 
