@@ -8,13 +8,16 @@ The server calls a guard object at two points and exposes a third:
 
 A verdict needs `decision` ("allow" | "warn" | "block"), `guard`, `categories` ([(code, name)]),
 `reason` and `to_dict()` — the shape of `herd.safety.Verdict`. The pipeline itself (Llama Guard,
-Prompt Guard, Code Shield, configured from one file) lives in herd.safety and never imports
-FastAPI; `load_guards` builds it from the config path once, at startup.
+Prompt Guard, Code Shield, configured from one JSON file: herd.safety.GuardConfig) is
+`herd.safety.Pipeline`, which never imports FastAPI; `load_guards` builds it once, at startup.
+The server gives guards text only: image parts are replaced by "[image]".
 """
 
 from __future__ import annotations
 
 from typing import Any, Protocol
+
+from herd.safety.verdict import refusal_text  # noqa: F401  (what a refused turn says; one source)
 
 
 class GuardHook(Protocol):
@@ -25,20 +28,9 @@ class GuardHook(Protocol):
     def moderate(self, inputs: list[str]) -> dict: ...
 
 
-def refusal_text(verdict) -> str:
-    """What a refused turn says: the guard and the categories it found, never a bare "no"."""
-    cats = ", ".join(f"{c} {n}" for c, n in (verdict.categories or []))
-    return f"I can't help with that. (blocked by {verdict.guard}" + (f": {cats}" if cats else "") + ")"
-
-
 def load_guards(path: str) -> GuardHook:
-    """The safety pipeline configured by the file at `path` (herd.safety)."""
-    try:
-        import herd.safety as safety
-    except ImportError as e:
-        raise ValueError(f"--guards needs herd.safety, which is not available here ({e})") from None
-    for name in ("load_server_guards", "load_pipeline"):
-        factory = getattr(safety, name, None)
-        if factory is not None:
-            return factory(path)
-    raise ValueError("herd.safety has no pipeline loader (load_pipeline) yet; run without --guards")
+    """The safety pipeline configured by the JSON file at `path` (herd.safety.load_pipeline): every
+    guard is built here, once, from weights on given paths. A bad config is a ValueError."""
+    from herd.safety import load_pipeline
+
+    return load_pipeline(path)

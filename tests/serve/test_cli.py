@@ -1,5 +1,6 @@
 """`herd serve` from the command line: bad flags are one-line errors (exit 2), and a real process
-serves a model directory: /health 503 → 200, a chat request, then it stops on SIGINT."""
+serves a model directory with herd.safety's pipeline (--guards): /health 503 → 200, a chat request,
+/v1/moderations, then it stops on SIGINT."""
 
 from __future__ import annotations
 
@@ -32,8 +33,11 @@ def test_serve_a_model_directory_end_to_end(tiny, tmp_path):
     herd.save_model(model, d)
     tok.save(d)
     port = free_port()
+    guards = tmp_path / "guards.json"
+    guards.write_text('{"code_shield": true}')  # herd.safety's pipeline, loaded by --guards (no weights needed)
     proc = subprocess.Popen([sys.executable, "-m", "herd", "serve", str(d), "--port", str(port), "--dtype", "float32",
-                             "--max-batch", "4", "--max-model-len", "512", "--threads", "1", "--api-key", "k"],
+                             "--max-batch", "4", "--max-model-len", "512", "--threads", "1", "--api-key", "k",
+                             "--guards", str(guards)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -52,6 +56,9 @@ def test_serve_a_model_directory_end_to_end(tiny, tmp_path):
                        json={"model": str(d), "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
         assert httpx.get(url + "/").text.startswith("<!doctype html>")
+        mod = httpx.post(url + "/v1/moderations", headers={"Authorization": "Bearer k"}, json={"input": ["hello"]})
+        assert mod.status_code == 200 and mod.json()["results"][0]["flagged"] is False
+        assert "Violent Crimes" in mod.json()["results"][0]["categories"]
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) in (0, 130)  # 130: interrupted, as after Ctrl-C
