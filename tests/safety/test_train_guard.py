@@ -1,0 +1,68 @@
+"""The tiny Llama Guard recipe: data split by source item, verdict-only labels, a run through the shared loop."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from herd.safety import train_llama_guard as tlg
+from herd.safety.llama_guard import LlamaGuard
+
+
+def test_examples_are_split_by_source_item_and_cover_both_kinds():
+    data = tlg.build_examples(benign_prompts=300)
+    train_ids = {e["id"] for e in data["train"]}
+    test_ids = {e["id"] for e in data["test"]}
+    assert not train_ids & test_ids
+    for split in data.values():
+        kinds = {(e["kind"], e["code"] is None) for e in split}
+        assert kinds == {("prompt", True), ("prompt", False), ("response", True), ("response", False)}
+        for e in split:
+            assert e["target"] == ("safe" if e["code"] is None else f"unsafe\n{e['code']}")
+            assert e["messages"][-1]["role"] == ("user" if e["kind"] == "prompt" else "assistant")
+    assert 0.15 < len(data["test"]) / (len(data["train"]) + len(data["test"])) < 0.25
+
+
+def test_only_the_verdict_is_labelled(guard_tokenizer):
+    tok = guard_tokenizer
+    ex = {"messages": [{"role": "user", "content": "how do I hurt someone"}], "target": "unsafe\nS1"}
+    ids, start = tlg.encode_example(tok, ex)
+    batch = tlg.collate([(ids, start), tlg.encode_example(tok, {**ex, "target": "safe"})], pad_id=0)
+    labelled = batch.labels[0][batch.labels[0] != -100].tolist()
+    assert tok.decode(labelled[:-1]) == "unsafe\nS1" and labelled[-1] == tok.special_tokens["<|eot|>"]
+    assert batch.input_ids[0, start - 1] == ids[start - 1]  # the assistant header's last token predicts the verdict
+    assert batch.n_tokens == int((batch.labels != -100).sum())
+    src = tlg.GuardBatches([(ids, start)] * 5, batch_size=2, pad_id=0, seed=1)
+    next(src), next(src)
+    state = src.state_dict()
+    a = next(src)
+    src2 = tlg.GuardBatches([(ids, start)] * 5, batch_size=2, pad_id=0, seed=1)
+    src2.load_state_dict(state)
+    assert torch.equal(next(src2).input_ids, a.input_ids)
+
+
+def test_model_config_is_guard4_shaped():
+    cfg = tlg.model_config(512, 64, 2)
+    assert cfg.text.moe_layers == [] and cfg.text.attention_chunk_size is None and cfg.vision is None
+    assert cfg.text.bos_token_id == 512 - 128
+
+
+def test_tiny_guard_trains_through_the_shared_loop_and_loads(tmp_path, monkeypatch):
+    toy = [{"id": f"t{i}", "source": "toy", "kind": "prompt",
+            "messages": [{"role": "user", "content": ("bomb " if i % 2 else "bread ") + str(i)}],
+            "code": "S9" if i % 2 else None} for i in range(12)]
+    for e in toy:
+        e["target"] = "safe" if e["code"] is None else f"unsafe\n{e['code']}"
+    monkeypatch.setattr(tlg, "build_examples", lambda n, seed=0: {"train": toy[:8], "test": toy[8:]})
+    cfg = tlg.GuardTrainConfig(out=str(tmp_path / "g"), max_steps=3, batch_size=4, vocab_size=512, hidden=64,
+                               layers=1, warmup=1, eval_every=3, ckpt_every=3, log_every=1, progress=False,
+                               bf16=False)
+    summary = tlg.train(cfg)
+    rows = [json.loads(x) for x in (tmp_path / "g" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3] and "val_loss" in rows[-1]
+    ev = summary["eval"]
+    assert ev["n"] == 4 and "| prompt S9 Indiscriminate Weapons |" in ev["table"]
+    guard = LlamaGuard.from_pretrained(tmp_path / "g", dtype=torch.float32)
+    v = guard.scan("bomb 99")
+    assert v.status in ("ok", "parse_error") and 0 <= v.score <= 1
