@@ -334,11 +334,22 @@ def fit(render: Callable[[list[str]], str], stream, target: int, count: Callable
     for back in range(0, 32):
         words = stream.take(max(lo - back, 0))
         have, j = count(render(words)), 0
-        while have < target and j < 24:
-            cand, j = fill(back * 24 + j), j + 1
-            c = count(render(words + [cand]))
-            if c <= target:
-                words, have = words + [cand], c
+        while have < target and j < 48:
+            # far from the target: take the first word that fits; within 8 tokens, look a few
+            # words further for one that lands exactly (a list entry is ≥ 3 tokens, a word 1–3)
+            first = None
+            for t in range(12 if target - have <= 8 else 1):
+                cand, j = fill(back * 48 + j), j + 1
+                c = count(render(words + [cand]))
+                if c == target:
+                    return words + [cand]
+                if c < target and first is None:
+                    first = (cand, c)
+            if first is None:
+                if target - have > 8:
+                    continue
+                break
+            words, have = words + [first[0]], first[1]
         if have == target:
             return words
         closest = max(closest, have)
