@@ -4,6 +4,8 @@ the last state is saved as docs/serve-ui.png."""
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import time
 from pathlib import Path
@@ -123,3 +125,33 @@ def test_regenerate_edit_and_export(page_and_server):
     with page.expect_download() as dl:
         page.get_by_test_id("export").click()
     assert dl.value.suggested_filename == "herd-chat.json"
+    exported = json.loads(Path(dl.value.path()).read_text())
+    assert exported["model"] == "tiny-random" and exported["messages"] == []  # edit cut the conversation
+
+
+DROP_AND_PASTE = """([b64, how]) => {
+  const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+  const dt = new DataTransfer();
+  dt.items.add(new File([bytes], "img.png", {type: "image/png"}));
+  if (how === "drop") {
+    document.getElementById("composer").dispatchEvent(new DragEvent("drop", {dataTransfer: dt, bubbles: true, cancelable: true}));
+  } else {
+    document.getElementById("input").dispatchEvent(new ClipboardEvent("paste", {clipboardData: dt, bubbles: true, cancelable: true}));
+  }
+}"""
+
+
+def test_images_by_drop_and_paste_and_at_most_five(page_and_server, tmp_path):
+    page, _, _ = page_and_server
+    b64 = base64.b64encode(Path(_images(tmp_path, 1)[0]).read_bytes()).decode()
+    page.evaluate(DROP_AND_PASTE, [b64, "drop"])
+    page.evaluate(DROP_AND_PASTE, [b64, "paste"])
+    page.wait_for_function("document.querySelectorAll('[data-testid=thumb]').length === 2")
+    dialogs = []
+    page.once("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    page.get_by_test_id("file").set_input_files(_images(tmp_path, 4))  # 2 + 4 > 5
+    page.wait_for_function("document.querySelectorAll('[data-testid=thumb]').length === 5")
+    time.sleep(0.2)
+    assert page.get_by_test_id("thumb").count() == 5 and "At most 5" in dialogs[0]
+    page.get_by_test_id("remove-image").first.click()
+    assert page.get_by_test_id("thumb").count() == 4
