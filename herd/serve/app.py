@@ -176,7 +176,7 @@ class Server:
                         logits, targets = logits, ids[1:a + 256]
                     prev = logits[-1]
                     logp = torch.log_softmax(logits[:len(targets)], -1)
-                    chosen = logp.gather(1, torch.tensor(targets)[:, None])[:, 0].tolist()
+                    chosen = logp.gather(1, torch.tensor(targets, device=logp.device)[:, None])[:, 0].tolist()
                     tv, ti = logp.topk(top, -1) if top else (None, None)
                     for j, lp in enumerate(chosen):
                         out.append((lp, list(zip(ti[j].tolist(), tv[j].tolist())) if top else []))
