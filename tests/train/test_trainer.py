@@ -150,7 +150,7 @@ def _update_gap(w0: dict, wa: dict, wb: dict, lr: float) -> tuple[float, float]:
     """(whole-model, worst-tensor) relative difference of two runs' updates wa − w0 and wb − w0."""
     num = den = 0.0
     worst = 0.0
-    for k in wb:
+    for k in w0:  # (the files may also hold herd-only MoE expert_bias tensors: herd/model/moe.py)
         da, db = (wa[k] - w0[k]).double(), (wb[k] - w0[k]).double()
         assert db.abs().max() < 2 * lr, f"{k}: not the update from the rebuilt initial weights"
         n, d = db.norm().item(), (da - db).norm().item()
