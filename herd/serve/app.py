@@ -518,6 +518,8 @@ def create_app(settings: Settings | None = None, engine=None) -> FastAPI:
     async def completions(req: CompletionRequest, request: Request):
         s = server.ready()
         s.check_model(req.model)
+        if req.unknown_fields():
+            log.info("ignoring unknown request fields: %s", ", ".join(req.unknown_fields()))
         if req.logit_bias:
             raise BadRequest("logit_bias is not supported", param="logit_bias")
         if req.suffix:

@@ -288,3 +288,11 @@ def test_an_error_after_the_stream_started_is_an_event_then_done(tiny):
         assert lines[-1] == "data: [DONE]"
         err = json.loads(lines[-2][6:])["error"]
         assert err["type"] == "server_error" and "scripted failure" in err["message"]
+
+
+def test_unknown_fields_are_accepted_and_ignored(served):
+    h = {"Authorization": f"Bearer {KEY}"}
+    for path, body in (("/v1/chat/completions", {"messages": USER}), ("/v1/completions", {"prompt": "Hello"})):
+        r = httpx.post(served[0] + path, headers=h, json={**body, "max_tokens": 2, "store": True, "metadata": {"a": 1},
+                                                          "some_future_field": [1, 2]})
+        assert r.status_code == 200, r.text
