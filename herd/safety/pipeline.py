@@ -12,10 +12,16 @@
     reply, verdicts = pipe.respond(messages, generate)   # the whole order, refusal text included
     body = pipe.moderate(["text", ...])               # OpenAI /v1/moderations response
 
-GuardConfig (a dataclass; a JSON file with the same keys) names every guard's weights by path —
+GuardConfig (a dataclass; a JSON file with the same keys; relative paths are read from the file's
+folder) names every guard's weights by path —
 nothing is downloaded, every guard is built once, at construction — and the policy: categories,
 excluded codes, thresholds, fail-open / fail-closed. Code Shield runs semgrep on model output, so
-it is off unless switched on (anything that runs tools is opt-in). Guards run in a fixed order
+it is off unless switched on (anything that runs tools is opt-in). An example guards.json:
+
+    {"llama_guard": "runs/tiny-guard", "prompt_guard": "runs/prompt-guard", "code_shield": true,
+     "excluded": ["S6"], "llama_guard_threshold": null, "on_error": "closed"}
+
+Guards run in a fixed order
 and all of them run (so the verdict lists everything found); block wins (herd.safety.verdict.combine).
 
 Llama Guard sees user and assistant turns only: system prompts are dropped, tool outputs go to
