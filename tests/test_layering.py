@@ -38,6 +38,7 @@ LAYERS: list[list[str]] = [
     ["herd.model", "herd.data"],                                            # the network; the data
     ["herd.train", "herd.inference", "herd.params"],                        # training stages; inference; counting
     ["herd.evals", "herd.eval", "herd.safety", "herd.serve"],               # built on a trained model
+    ["herd.usecases", "herd.speedrun"],                                     # use cases; the whole recipe
     ["herd.cli", "herd.demo", "herd.__main__", "herd"],                     # the command line, the API table
 ]
 
