@@ -133,7 +133,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 def add_data_subcommand(subparsers) -> argparse.ArgumentParser:
     """Register `data prepare` and `data show` on an argparse subparsers object."""
     parser = subparsers.add_parser("data", help="bundled pre-training data: build the token cache, show batches")
-    sub = parser.add_subparsers(dest="data_command", metavar="{prepare,show,longctx}")
+    sub = parser.add_subparsers(dest="data_command", metavar="{prepare,show,longctx,sft}")
     sub.required = True
     p = sub.add_parser("prepare", help="tokenise every source into the cache; print documents, bytes, tokens, split")
     _common(p)
@@ -147,6 +147,9 @@ def add_data_subcommand(subparsers) -> argparse.ArgumentParser:
     from herd.data.longctx import add_longctx_parser
 
     add_longctx_parser(sub)
+    from herd.data.chat_data import add_sft_data_parser
+
+    add_sft_data_parser(sub)
     return parser
 
 

@@ -132,10 +132,13 @@ MAX_DOCUMENT_MASK_LEN = 16384
 
 
 def document_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor,
-                              chunk: int | None = None, start: int = 0) -> torch.Tensor:
+                              chunk: int | None = None, start: int = 0,
+                              positions: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention that never crosses a document boundary (training on packed rows, as Meta
     trains Llama 3/4): query t sees key s ≤ t only if doc_ids[b, s] == doc_ids[b, t] and, on a
     chunked layer, s lies in t's chunk. q [B, h, T, D], k/v [B, kv, T, D], doc_ids [B, T].
+    Chunks follow `positions` ([T] or [B, T]; packed SFT rows restart them at each example) when
+    given, else start … start+T-1.
 
     Builds a boolean [B, 1, T, T] mask: meant for training-length rows, refused past 16k tokens.
     """
@@ -145,10 +148,10 @@ def document_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          f"(max {MAX_DOCUMENT_MASK_LEN})")
     pos = torch.arange(T, device=q.device)
     allowed = pos[None, :] <= pos[:, None]  # [T, T] causal
-    if chunk is not None:
-        c = (pos + start) // chunk
-        allowed = allowed & (c[None, :] == c[:, None])
     allowed = allowed[None] & (doc_ids[:, :, None] == doc_ids[:, None, :])  # [B, T, T]
+    if chunk is not None:
+        c = (pos + start if positions is None else positions.to(q.device)) // chunk  # [T] or [B, T]
+        allowed = allowed & (c[..., None, :] == c[..., :, None])
     return _sdpa(q, k, v, attn_mask=allowed[:, None], enable_gqa=h != k.shape[1])
 
 
@@ -208,7 +211,7 @@ class Attention(nn.Module):
         elif doc_ids is not None or self.chunk is not None:
             start = int(positions.reshape(-1)[0]) if positions.numel() else 0
             if doc_ids is not None:
-                out = document_causal_attention(q, k, v, doc_ids, self.chunk, start)
+                out = document_causal_attention(q, k, v, doc_ids, self.chunk, positions=positions)
             else:
                 out = chunked_causal_attention(q, k, v, self.chunk, start)
         else:

@@ -221,8 +221,9 @@ class Llama4(nn.Module):
         elif position_ids.dim() == 2:
             if position_ids.shape[0] == 1 or bool((position_ids == position_ids[:1]).all()):
                 position_ids = position_ids[0]
-            elif cache is None:
-                raise ValueError("per-row position_ids need a cache (herd.inference); rows must match here")
+            elif cache is None and document_ids is None:
+                raise ValueError("per-row position_ids need a cache (herd.inference) or document_ids (packed "
+                                 "training rows); rows must match here")
         h = self.embed(input_ids, pixel_values, image_features)
         if document_ids is not None and tuple(document_ids.shape) != tuple(input_ids.shape):
             raise ValueError(f"document_ids must have the shape of input_ids {tuple(input_ids.shape)}, "

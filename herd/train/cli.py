@@ -79,3 +79,46 @@ def _run(args) -> int:
     if summary:
         print("done: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
     return 0
+
+
+def add_posttrain_subcommands(subparsers) -> None:
+    """`herd sft` and `herd dpo`: flags generated from SFTConfig / DPOConfig (herd.train.flags)."""
+    from herd.train.dpo import DPOConfig
+    from herd.train.flags import add_dataclass_arguments
+    from herd.train.sft import SFTConfig
+
+    p = subparsers.add_parser(
+        "sft", help="supervised fine-tuning on chat data (assistant-only loss, packing, difficulty pruning)",
+        description="Fine-tune a model directory on messages JSONL (herd data sft --out DIR writes it): loss on "
+        "assistant tokens only (end-of-turn included), packed rows with per-example attention and positions, the "
+        "easiest --prune fraction dropped as judged by the model itself (pass@k / reference loss). Same checkpoints, "
+        "--resume and torchrun as herd train.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_dataclass_arguments(p, SFTConfig)
+    p.set_defaults(func=_run_sft)
+    p = subparsers.add_parser(
+        "dpo", help="direct preference optimisation on prompt/chosen/rejected pairs (TRL formats)",
+        description="DPO (sigmoid, or IPO) from a model directory, which is also the frozen reference; reference "
+        "log-probs are computed once and cached; metrics under TRL's names (rewards/chosen, rewards/margins, ...).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_dataclass_arguments(p, DPOConfig)
+    p.set_defaults(func=_run_dpo)
+
+
+def _run_sft(args) -> int:
+    from herd.train.flags import config_from_args
+    from herd.train.sft import SFTConfig, sft
+
+    summary = sft(config_from_args(SFTConfig, args))
+    if summary:
+        print("done: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
+    return 0
+
+
+def _run_dpo(args) -> int:
+    from herd.train.dpo import DPOConfig, dpo
+    from herd.train.flags import config_from_args
+
+    summary = dpo(config_from_args(DPOConfig, args))
+    if summary:
+        print("done: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
+    return 0
