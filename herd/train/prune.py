@@ -72,13 +72,15 @@ def prompt_of(tokenizer, example, vision_config):
 
 @torch.no_grad()
 def sample_replies(model, tokenizer, prompts: list, k: int, max_new: int, temperature: float = 1.0,
-                   seed: int = 0, progress: bool = True, desc: str = "sampling") -> list[list[str]]:
-    """k sampled replies (text, up to the end-of-turn token) per (ids, tiles) prompt, through herd.Engine."""
+                   seed: int = 0, progress: bool = True, desc: str = "sampling", details: bool = False) -> list[list]:
+    """k sampled replies (text, up to the end-of-turn token) per (ids, tiles) prompt, through herd.Engine.
+    details: (text, stopped) pairs instead, stopped = the reply ended with an end-of-turn token."""
     from herd.inference.engine import Engine
     from herd.inference.sampling import SamplingParams
 
     engine = Engine(model, max_batch=16, tokenizer=tokenizer)
     out = [[[] for _ in range(k)] for _ in prompts]
+    stopped = [[False] * k for _ in prompts]
     for i, (ids, px) in enumerate(prompts):
         for j in range(k):
             engine.add(ids, SamplingParams(max_new_tokens=max_new, temperature=temperature, seed=seed + 1000 * i + j),
@@ -92,12 +94,15 @@ def sample_replies(model, tokenizer, prompts: list, k: int, max_new: int, temper
         i, j = ev.seq_id
         if ev.token is not None:
             out[i][j].append(ev.token)
-        if ev.finish_reason is not None and bar is not None:
-            bar.update(1)
+        if ev.finish_reason is not None:
+            stopped[i][j] = ev.finish_reason == "stop"
+            if bar is not None:
+                bar.update(1)
     if bar is not None:
         bar.close()
     stops = set(model.config.text.eos_token_ids)
-    return [[tokenizer.decode([t for t in toks if t not in stops]) for toks in row] for row in out]
+    texts = [[tokenizer.decode([t for t in toks if t not in stops]) for toks in row] for row in out]
+    return [list(zip(t, s)) for t, s in zip(texts, stopped)] if details else texts
 
 
 def score_examples(model, tokenizer, examples, cfg, device, pad_id: int) -> list[dict]:
@@ -128,7 +133,7 @@ def choose(scores: list[dict], fraction: float, mode: str = "model", seed: int =
         by_task.setdefault(s["task"], []).append(i)
     rng = random.Random(seed)
     for task, idx in sorted(by_task.items()):
-        n_drop = int(round(fraction * len(idx)))
+        n_drop = min(int(round(fraction * len(idx))), len(idx) - 1)  # every task keeps at least one example
         if mode == "random":
             order = idx[:]
             rng.shuffle(order)
@@ -181,6 +186,11 @@ def prune_examples(model, tokenizer, examples, cfg, out_dir: Path, env):
         scores = [json.loads(x) for x in cached.read_text().splitlines() if x.strip()]
         if [s["id"] for s in scores] != [e.id for e in examples]:
             scores = None
+    if scores is None and cfg.prune_scores:
+        scores = [json.loads(x) for x in Path(cfg.prune_scores).read_text().splitlines() if x.strip()]
+        scores = [{k: v for k, v in s.items() if k != "kept"} for s in scores]
+        if [s["id"] for s in scores] != [e.id for e in examples]:
+            raise ValueError(f"--prune-scores {cfg.prune_scores}: scored other examples than --data")
     if scores is None:
         if cfg.prune_mode == "random":
             scores = [{"id": e.id, "task": e.row.get("task", "?"), "pass_rate": None, "loss": 0.0} for e in examples]

@@ -67,6 +67,8 @@ class SFTConfig(LoopConfig):
                                                         "(0: keep all; 0.95: the Behemoth setting)"})
     prune_mode: str = field(default="model", metadata={"help": "model: by the model's difficulty scores; random: "
                                                                "a random subset of the same size (ablation)"})
+    prune_scores: str | None = field(default=None, metadata={
+        "help": "reuse difficulty scores from an earlier run's prune/scores.jsonl (same data) instead of scoring"})
     prune_k: int = field(default=4, metadata={"help": "samples per verifiable item for pass@k scoring"})
     prune_max_new: int = field(default=24, metadata={"help": "tokens generated per sample when scoring"})
     skip_bad: bool = field(default=False, metadata={"help": "skip (and count) bad JSONL lines instead of failing"})
