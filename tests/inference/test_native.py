@@ -19,8 +19,12 @@ from herd.inference import native
 from herd.inference.fast import DenseKernel
 from herd.inference.quant import Int8Kernel, quantize_int8
 
-CAN_RUN = all(f in native._cpu_flags() for f in native.CPU_FLAGS)
-needs_native = pytest.mark.skipif(not CAN_RUN, reason="needs an x86 CPU with AVX-512 and VNNI")
+# HERD_NATIVE=0 (the user's switch to torch's kernels) turns the kernels off for the whole run,
+# these tests included: they skip and say so, and the rest of the suite tests the torch paths
+TURNED_OFF = os.environ.get("HERD_NATIVE", "1") == "0"
+CAN_RUN = not TURNED_OFF and all(f in native._cpu_flags() for f in native.CPU_FLAGS)
+needs_native = pytest.mark.skipif(not CAN_RUN, reason="turned off by HERD_NATIVE=0" if TURNED_OFF
+                                  else "needs an x86 CPU with AVX-512 and VNNI")
 
 
 @needs_native
