@@ -100,7 +100,16 @@ def add_posttrain_subcommands(subparsers) -> None:
         description="DPO (sigmoid, or IPO) from a model directory, which is also the frozen reference; reference "
         "log-probs are computed once and cached; metrics under TRL's names (rewards/chosen, rewards/margins, ...).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("action", nargs="?", choices=["train", "pairs"], default="train",
+                   help="train (default), or pairs: build on-policy pairs from --data's verifiable prompts into "
+                        "OUT/pairs.jsonl (a verified-correct sample as chosen, a wrong one as rejected)")
     add_dataclass_arguments(p, DPOConfig)
+    p.add_argument("--k", type=int, default=4, help="pairs: samples per prompt")
+    p.add_argument("--max-new", type=int, default=24, help="pairs: tokens per sample")
+    p.add_argument("--temperature", type=float, default=1.0, help="pairs: sampling temperature")
+    p.add_argument("--limit", type=int, default=None, help="pairs: use the first N verifiable prompts")
+    p.add_argument("--use-reference", action="store_true",
+                   help="pairs: when no sample is right, use the reference answer as chosen")
     p.set_defaults(func=_run_dpo)
 
 
@@ -115,9 +124,16 @@ def _run_sft(args) -> int:
 
 
 def _run_dpo(args) -> int:
-    from herd.train.dpo import DPOConfig, dpo
+    from herd.train.dpo import DPOConfig, build_pairs, dpo
     from herd.train.flags import config_from_args
 
+    if args.action == "pairs":
+        if not args.init or not args.data:
+            raise ValueError("herd dpo pairs needs --init DIR and --data FILE (messages JSONL with verifiers)")
+        counts = build_pairs(args.init, args.data, args.out, args.k, args.max_new, args.temperature, args.limit,
+                             args.seed, args.use_reference, args.progress)
+        print(f"wrote {args.out}/pairs.jsonl: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        return 0
     summary = dpo(config_from_args(DPOConfig, args))
     if summary:
         print("done: " + ", ".join(f"{k} {v}" for k, v in summary.items()))

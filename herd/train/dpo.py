@@ -456,3 +456,51 @@ def plot_dpo(metrics_path: Path, png: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(png)
     plt.close(fig)
+
+
+# ----- on-policy pairs -----------------------------------------------------------------------------
+def build_pairs(init: str | Path, data: str | Path, out: str | Path, k: int = 4, max_new: int = 24,
+                temperature: float = 1.0, limit: int | None = None, seed: int = 0, use_reference: bool = False,
+                progress: bool = True) -> dict:
+    """On-policy preference pairs: sample the model k times on each verifiable prompt of a messages
+    JSONL (herd data sft), pair a verified-correct reply (chosen) with a wrong one (rejected). With
+    `use_reference`, prompts the model never gets right use the reference answer as chosen.
+    Writes OUT/pairs.jsonl (TRL conversational format) and returns counts."""
+    from herd.data.chat_data import verify
+    from herd.data.longctx import write_jsonl_atomic
+    from herd.train.prune import prompt_of, sample_replies
+    from herd.train.sft import load_examples
+
+    model, tok = init_from(init)
+    examples = [e for e in load_examples(data, tok, model.config.vision, 10**6, BadLines(True))
+                if e.row.get("verifier")][:limit]
+    if not examples:
+        raise ValueError(f"{data}: no verifiable examples (rows with a 'verifier') to sample on")
+    prompts = [prompt_of(tok, e, model.config.vision) for e in examples]
+    replies = sample_replies(model, tok, prompts, k, max_new, temperature, seed, progress, desc="dpo pairs")
+    rows, counts = [], {"prompts": len(examples), "pairs": 0, "all_right": 0, "all_wrong": 0, "from_reference": 0}
+    for ex, reps in zip(examples, replies):
+        scored = [(r.strip(), verify(ex.row, r)) for r in reps]
+        right = [r for r, s in scored if s and s >= 1.0]
+        wrong = [r for r, s in scored if not s]
+        source = "policy"
+        if not right and use_reference and wrong:
+            right, source = [ex.row["messages"][-1]["content"]], "reference"
+        if not wrong:
+            counts["all_right"] += 1
+            continue
+        if not right:
+            counts["all_wrong"] += 1
+            continue
+        chosen, rejected = right[0], next((w for w in wrong if w != right[0]), None)
+        if rejected is None:
+            continue
+        counts["pairs"] += 1
+        counts["from_reference"] += source == "reference"
+        rows.append({"id": ex.id, "task": ex.row.get("task"), "prompt": ex.row["messages"][:-1],
+                     "chosen": [{"role": "assistant", "content": chosen}],
+                     "rejected": [{"role": "assistant", "content": rejected}], "chosen_source": source})
+    out = Path(out)
+    write_jsonl_atomic(rows, out / "pairs.jsonl")
+    (out / "pairs_summary.json").write_text(json.dumps(counts, indent=2) + "\n")
+    return counts

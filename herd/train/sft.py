@@ -372,20 +372,41 @@ def fixed_batches(examples: list[Example], batch_size: int, seq_len: int, pad_id
 # ----- the objective -------------------------------------------------------------------------------
 class MaskedNextTokenLoss:
     """SFT's objective: summed next-token cross-entropy on assistant tokens only, each packed
-    example attending only to itself at its own positions."""
+    example attending only to itself at its own positions.
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    vision_keepalive (model config, set under torchrun): a batch without images gets one extra
+    padding row holding one blank tile's <|patch|> tokens (no labels, its own document), so every
+    rank runs the vision tower and FSDP's gradient reduction has the same tensors on all ranks."""
+
+    def __init__(self, device: torch.device, vision_keepalive=None):
+        self.device, self.keepalive = device, vision_keepalive
 
     def tokens(self, batch: PackedBatch) -> int:
         return int((batch.labels != IGNORE).sum())
 
     def __call__(self, model, batch: PackedBatch):
         d = self.device
-        px = None if batch.pixel_values is None else batch.pixel_values.to(d)
-        loss = model(batch.input_ids.to(d), pixel_values=px, position_ids=batch.position_ids.to(d),
-                     document_ids=batch.document_ids.to(d), labels=batch.labels.to(d))
+        ids, labels, pos, docs = batch.input_ids, batch.labels, batch.position_ids, batch.document_ids
+        px = batch.pixel_values
+        if px is None and self.keepalive is not None:
+            ids, labels, pos, docs, px = _with_blank_image(batch, self.keepalive)
+        px = None if px is None else px.to(d)
+        loss = model(ids.to(d), pixel_values=px, position_ids=pos.to(d), document_ids=docs.to(d), labels=labels.to(d))
         return loss, self.tokens(batch), {}
+
+
+def _with_blank_image(batch: PackedBatch, config):
+    """The batch plus one unlabelled row carrying a blank tile ([B+1, T] tensors, [1, 3, S, S] pixels)."""
+    B, T = batch.input_ids.shape
+    n = config.vision.tokens_per_tile
+    row = torch.full((1, T), int(batch.input_ids[0, -1]), dtype=torch.long)
+    row[0, :n] = config.image_token_index
+    ids = torch.cat([batch.input_ids, row])
+    labels = torch.cat([batch.labels, torch.full((1, T), IGNORE, dtype=torch.long)])
+    pos = torch.cat([batch.position_ids, torch.arange(T)[None]])
+    docs = torch.cat([batch.document_ids, torch.zeros((1, T), dtype=torch.long)])
+    S = config.vision.image_size
+    return ids, labels, pos, docs, torch.zeros((1, 3, S, S))
 
 
 # ----- the stage -----------------------------------------------------------------------------------
@@ -402,6 +423,8 @@ def sft(cfg: SFTConfig) -> dict:
     pad = tokenizer.special_tokens.get("<|finetune_right_pad|>", tokenizer.special_tokens["<|eot|>"])
     bad = BadLines(cfg.skip_bad)
     examples = load_examples(cfg.data, tokenizer, vision, cfg.seq_len, bad)
+    if cfg.val_data and not Path(cfg.val_data).exists():
+        raise ValueError(f"--val-data {cfg.val_data}: no such file")
     val_path = cfg.val_data or (Path(cfg.data).parent / "val.jsonl")
     val_examples = load_examples(val_path, tokenizer, vision, cfg.seq_len, bad) if Path(val_path).exists() else []
     if cfg.skip_bad and env.is_main:
@@ -415,7 +438,9 @@ def sft(cfg: SFTConfig) -> dict:
     torch.manual_seed(cfg.seed)
     source = PackedChat(examples, cfg.batch_size, cfg.seq_len, pad, cfg.seed, env.rank, env.world)
     model, optimizer = build_optimizer(model, cfg, env, verbose=False)
-    objective = MaskedNextTokenLoss(env.device)
+    config = distributed.unwrap(model).config
+    keepalive = config if env.distributed and config.vision is not None else None
+    objective = MaskedNextTokenLoss(env.device, keepalive)
     val = fixed_batches(val_examples, cfg.batch_size, cfg.seq_len, pad, cfg.eval_batches, env.rank, env.world)
     evals = [validation_loss(objective, val, env, cfg)] if val else []
 

@@ -176,3 +176,24 @@ def test_dpo_run_logs_trl_metrics_reuses_cache_and_resumes(text_model, tmp_path)
     again = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in rows] == [r["loss"] for r in again]
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 1  # computed once, reused by both runs
+
+
+def test_on_policy_pairs_pair_a_verified_answer_with_a_wrong_one(text_model, tmp_path):
+    from herd.train.dpo import build_pairs
+
+    model_dir, tok = text_model
+    rows = [{"id": f"q{i}", "task": "sum", "messages": [{"role": "user", "content": f"What is {i} + 1?"},
+                                                         {"role": "assistant", "content": str(i + 1)}],
+             "answer": str(i + 1), "verifier": "exact"} for i in range(3)]
+    data = _write(tmp_path / "sft.jsonl", rows + [{"messages": [{"role": "user", "content": "hi"},
+                                                                {"role": "assistant", "content": "hello"}]}])
+    counts = build_pairs(model_dir, data, tmp_path / "out", k=2, max_new=3, use_reference=True, progress=False)
+    assert counts["prompts"] == 3  # only verifiable rows are sampled
+    pairs = [json.loads(x) for x in (tmp_path / "out" / "pairs.jsonl").read_text().splitlines()]
+    assert len(pairs) == counts["pairs"] > 0
+    from herd.data.chat_data import verify
+
+    for p in pairs:
+        row = next(r for r in rows if r["id"] == p["id"])
+        assert verify(row, p["chosen"][0]["content"]) == 1.0 and verify(row, p["rejected"][0]["content"]) == 0.0
+    assert len(load_pairs(tmp_path / "out" / "pairs.jsonl", tok, None, 256, BadLines(False))) == len(pairs)
