@@ -287,15 +287,15 @@ class RolloutSource:
             self._ids[i] = prompt_ids(self.tokenizer, self.items[i], self.vision)
         return self._ids[i]
 
-    def _draw(self, n: int) -> list[int]:
+    def _draw(self, n: int, exclude: set[int]) -> list[int]:
         if self.cfg.uniform:
-            rng = self.pool.rng
-            free = [i for i in range(len(self.items)) if i not in self.in_flight]
-            return rng.sample(free, min(n, len(free)))
-        return self.pool.draw(n, exclude=self.in_flight)
+            free = [i for i in range(len(self.items)) if i not in exclude]
+            return self.pool.rng.sample(free, min(n, len(free)))
+        return self.pool.draw(n, exclude=exclude)
 
-    def _submit(self, n: int) -> int:
-        picked = self._draw(n)
+    def _submit(self, n: int, used: set[int] = frozenset()) -> int:
+        """Send n prompts not already in flight or in this step's batch."""
+        picked = self._draw(n, self.in_flight | used) if n > 0 else []
         for i in picked:
             self.in_flight.add(i)
             self.backend.submit(i, self._ids_of(i), self.cfg.group_size)
@@ -326,11 +326,11 @@ class RolloutSource:
         kept, scored, per_fn_all = [], [], {k: [] for k in self.reward_fns}
         errors = zero_adv = stale_before = 0
         stale_before = self.buffer.dropped_stale
-        rounds = 0
+        rounds, used = 0, set()
         while len(kept) < cfg.prompts_per_step and rounds <= cfg.refill_rounds:
             need = cfg.prompts_per_step - len(kept) - self.backend.in_flight() - len(self.buffer)
             if need > 0:
-                self._submit(need)
+                self._submit(need, used)
                 rounds += 1
             if self.backend.in_flight() == 0 and len(self.buffer) == 0:
                 break  # nothing eligible left
@@ -338,6 +338,7 @@ class RolloutSource:
                 self.in_flight.discard(r.prompt_index)
                 self.buffer.put(r, version)
             while len(kept) < cfg.prompts_per_step and (r := self.buffer.take(version)) is not None:
+                used.add(r.prompt_index)
                 info = self._score(r)
                 errors += info["errors"]
                 for k, v in info["per_fn"].items():
@@ -355,7 +356,7 @@ class RolloutSource:
                           f"learning signal (prompt pool: {self.pool.describe()}); training on a smaller batch",
                           RuntimeWarning, stacklevel=2)
         if cfg.max_staleness > 0:  # work ahead: the next step's groups generate while this one trains
-            self._submit(cfg.prompts_per_step - self.backend.in_flight() - len(self.buffer))
+            self._submit(cfg.prompts_per_step - self.backend.in_flight() - len(self.buffer), used)
 
         # constant reward: nothing scored, or every scored group equal → count towards the stop
         self.constant_run = self.constant_run + 1 if not kept else 0
