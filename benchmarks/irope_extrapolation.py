@@ -133,7 +133,9 @@ def summarise(results: dict, args) -> str:
                     recs = [r for r in results.get(f"{arm}/{seed}", []) if r["task"] == task and r["mult"] == m]
                     if recs:
                         per_seed.append(sum(r["score"] for r in recs) / len(recs))
-                if per_seed:
+                if len(per_seed) == 1:
+                    cells.append(f"{per_seed[0]:.0f} (1 seed)")
+                elif per_seed:
                     mean = sum(per_seed) / len(per_seed)
                     half = (max(per_seed) - min(per_seed)) / 2
                     cells.append(f"{mean:.0f} ± {half:.0f}")
@@ -190,6 +192,8 @@ def main(argv=None) -> int:
     p.add_argument("--mid-steps", type=int, default=150)
     p.add_argument("--batch-tokens", type=int, default=4096)
     p.add_argument("--long-ratio", type=float, default=0.7)
+    p.add_argument("--mid-tasks", default="niah_single_1,niah_single_2,niah_multikey_1,niah_multikey_2",
+                   help="synthetic task families of the mid-training mixture")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--layers", type=int, default=4)
@@ -231,7 +235,7 @@ def main(argv=None) -> int:
             pretrain(cfg, tok, pre, args, seed)
             if not (mid / "model.safetensors").exists():
                 midtrain(MidtrainConfig(init=str(pre), out=str(mid), curriculum=f"{L}:1", long_ratio=args.long_ratio,
-                                        tasks="niah_single_1,niah_single_2,niah_multikey_1,niah_multikey_2",
+                                        tasks=args.mid_tasks,
                                         batch_tokens=args.batch_tokens, max_steps=args.mid_steps, lr=args.lr,
                                         warmup=10, eval_every=args.mid_steps, ckpt_every=args.mid_steps,
                                         seed=seed, bf16=False, progress=False, max_docs=args.max_docs))
