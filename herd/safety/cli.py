@@ -6,7 +6,7 @@
     herd guard code --file reply.md [--fail-open]                        # Code Shield on fenced code
     herd guard moderate "text" --config guards.json                      # /v1/moderations JSON
     herd guard train-prompt --out runs/prompt-guard                      # S-Labs, ~1-2 min
-    herd guard train-llama --out runs/tiny-guard                         # ~25 min on 2 busy cores
+    herd guard train-llama --out runs/tiny-guard                         # ~40 min on one busy core
 
 Exit status: 0 allowed (or warned), 1 blocked, 2 bad input (one line on stderr).
 """

@@ -1,6 +1,6 @@
 """A tiny Llama Guard: a guard4-shaped herd model trained to answer in Llama Guard 4's verdict format.
 
-    herd guard train-llama --out runs/tiny-guard        (≈ 15 min on 2 busy cores)
+    herd guard train-llama --out runs/tiny-guard        (≈ 35 min + 4 min evaluation on one busy core)
 
 What it learns: given Llama Guard 4's exact prompt (herd.safety.llama_guard.render_prompt, default
 S1–S14 categories, wrapped in the Llama 4 chat format), answer `safe` or `unsafe\\nS<k>` then
