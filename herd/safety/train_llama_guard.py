@@ -150,8 +150,6 @@ class GuardBatches:
         return self
 
     def __next__(self):
-        from herd.data.packing import Batch
-
         if self.pos + self.batch_size > len(self.order):
             self.epoch, self.pos = self.epoch + 1, 0
             self._order()
