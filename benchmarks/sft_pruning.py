@@ -42,7 +42,7 @@ def evaluate(run_dir: Path, test_path: Path, max_new: int, limit_per_task: int) 
     import herd
     from herd.data.chat_data import verify
     from herd.train.prune import prompt_of, sample_replies
-    from herd.train.sft import BadLines, load_examples
+    from herd.train.chat_rows import BadLines, load_examples
 
     model = herd.load_model(run_dir)
     tok = herd.load_tokenizer(run_dir)

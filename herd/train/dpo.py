@@ -43,8 +43,8 @@ import torch
 import torch.nn.functional as F
 
 from herd.train import distributed
+from herd.train.chat_rows import BadLines, check_messages, encode_dialog, load_examples, read_jsonl, resolve_images
 from herd.train.loop import LoopConfig, autocast, build_optimizer, init_from, run
-from herd.train.sft import BadLines, _resolve_images, check_messages, encode_dialog, read_jsonl
 
 LOSS_TYPES = ("sigmoid", "ipo")
 
@@ -149,7 +149,7 @@ def load_pairs(path, tokenizer, vision_config, max_len: int, bad: BadLines) -> l
         try:
             base = Path(where.rsplit(":", 1)[0]).parent
             prompt, chosen, rejected = split_pair(row)
-            prompt = _resolve_images(prompt, base)
+            prompt = resolve_images(prompt, base)
             p_ids, ((c, cm), (r, rm)), tiles = encode_pair(tokenizer, prompt, chosen, rejected, vision_config)
         except ValueError as e:
             bad(f"{where}: {e}")
@@ -469,7 +469,6 @@ def build_pairs(init: str | Path, data: str | Path, out: str | Path, k: int = 4,
     from herd.data.chat_data import verify
     from herd.data.longctx import write_jsonl_atomic
     from herd.train.prune import prompt_of, sample_replies
-    from herd.train.sft import load_examples
 
     model, tok = init_from(init)
     examples = [e for e in load_examples(data, tok, model.config.vision, 10**6, BadLines(True))

@@ -27,14 +27,13 @@ from pathlib import Path
 import torch
 
 from herd.train import distributed
+from herd.train.chat_rows import IGNORE, pack_rows, resolve_images
 
 
 @torch.no_grad()
 def reference_losses(model, examples, device, seq_len: int, pad_id: int, batch_rows: int = 8,
                      progress: bool = True) -> list[float]:
     """Mean next-token loss (nats) on each example's assistant tokens (float32; eval mode)."""
-    from herd.train.sft import IGNORE, pack_rows
-
     model.eval()
     out = []
     it = range(0, len(examples), batch_rows)
@@ -62,10 +61,9 @@ def reference_losses(model, examples, device, seq_len: int, pad_id: int, batch_r
 def prompt_of(tokenizer, example, vision_config):
     """(prompt ids ending in the assistant header, tiles) for the example without its last reply."""
     from herd.chat import encode_messages
-    from herd.train.sft import _resolve_images
 
     base = Path(example.row.get("_where", "./x:0").rsplit(":", 1)[0]).parent
-    msgs = _resolve_images(example.row["messages"][:-1], base)
+    msgs = resolve_images(example.row["messages"][:-1], base)
     ids, tiles = encode_messages(tokenizer, msgs, add_generation_prompt=True, vision_config=vision_config)
     return ids, (torch.cat(tiles) if tiles else None)
 

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 import herd
 from herd.chat import encode_messages
-from herd.train.sft import (BadLines, MaskedNextTokenLoss, SFTConfig, check_sft_row, encode_dialog, load_examples,
-                            pack_rows, sft)
+from herd.train.chat_rows import BadLines, Example, check_sft_row, encode_dialog, load_examples, pack_rows
+from herd.train.sft import MaskedNextTokenLoss, SFTConfig, sft
 
 
 def _png(seed: int) -> str:
@@ -122,8 +122,6 @@ def test_packed_loss_matches_float64_reference_that_masks_by_role(chat_model, tm
 def test_packed_examples_do_not_see_each_other(chat_model):
     model_dir, tok = chat_model
     model = herd.load_model(model_dir)
-    from herd.train.sft import Example
-
     a_ids, a_mask, _ = encode_dialog(tok, DIALOGS[0])
     b_ids, b_mask, _ = encode_dialog(tok, DIALOGS[1])
     other = [a_ids[0]] + [(t + 7) % 400 for t in a_ids[1:]]  # the first example, different tokens
