@@ -64,6 +64,21 @@ def add_train_subcommand(subparsers) -> None:
                         "; unset (None): herd.data.DEFAULT_WEIGHTS")
     p.add_argument("--data-cache", default=None, help="tokenised-data cache directory (default OUT/data_cache)")
     p.add_argument("--max-docs", type=int, default=None, help="use only the first N documents per data source")
+    p.add_argument("--teacher", default=None,
+                   help="codistillation: a model directory (same tokenizer) whose next-token distribution "
+                        "trains this model alongside the data (herd.train.distill)")
+    p.add_argument("--distill-weight", default=d.distill_weight,
+                   help="weight w of the teacher's soft targets (1 − w on the data's labels): a number in [0, 1], "
+                        "linear:A:B over training, or gap[:TAU], dynamic: w = 1 − exp(−(CE_student − CE_teacher)/TAU)")
+    p.add_argument("--distill-temperature", type=float, default=d.distill_temperature,
+                   help="softmax temperature T of teacher and student in the soft part (scaled by T²)")
+    p.add_argument("--teacher-topk", type=int, default=None,
+                   help="keep only the teacher's K most likely tokens per position (see --teacher-topk-mode)")
+    p.add_argument("--teacher-topk-mode", choices=["renorm", "tail"], default=d.teacher_topk_mode,
+                   help="renormalise the teacher over its top K, or keep the rest as one bucket")
+    p.add_argument("--teacher-targets", default=None,
+                   help="offline teacher targets: a directory of top-K log-probs for this data stream, "
+                        "precomputed there (once) when absent")
     p.add_argument("--parallel", choices=["fsdp", "ddp"], default=d.parallel)
     p.add_argument("--threads", type=int, default=None, help="torch threads per process")
     p.add_argument("--no-progress", dest="progress", action="store_false")

@@ -16,7 +16,7 @@ image-layout targets) count in neither part. Endpoints: w = 1 is plain (T²-scal
 plain cross-entropy, exactly herd.model.loss.linear_cross_entropy.
 
 The weight w (`--distill-weight`, `WeightSchedule`):
-  * `0.7` constant;  `linear:A:B` from A at step 0 to B at the last step;
+  * `0.7` constant;  `linear:A:B` from A at step 0 towards B at the end of training (step/max_steps);
   * `gap[:TAU]` (the default, TAU = 1 nat): the *dynamic* one. On each micro-batch,
         w = 1 − exp(−max(CE_student − CE_teacher, 0) / TAU)
     with both cross-entropies measured on the batch's own labels (no gradient through w). Meta
@@ -47,7 +47,9 @@ logits are chunked the same way (online targets hold the teacher's final hidden 
 ones K ids and log-probabilities per position).
 
 Teacher targets come two ways (`DistillObjective`), giving the same loss on the same batch:
-  * online: the frozen teacher (eval mode, no gradients) runs on the student's batch each step;
+  * online: the frozen teacher (eval mode, no gradients) runs on the student's batch each step.
+    Under torchrun every rank holds a whole copy of the teacher and runs it on its own rows
+    (fine at herd's CPU sizes; sharding a GPU-sized teacher with FSDP is not built);
   * offline (`OfflineTargets`): the teacher's top-K log-probabilities precomputed once over the
     first N batches of a training stream and stored on disk (numpy .npy, memory-mapped), keyed by
     a hash of the teacher's weights and of the data (stream settings + tokenizer); rows are found
@@ -350,7 +352,7 @@ def load_teacher(directory: str | Path, student_config, student_tokenizer, devic
     try:
         teacher = load_model(directory, dtype=torch.float32, device=device)
         tok = load_tokenizer(directory)
-    except (OSError, KeyError, RuntimeError, json.JSONDecodeError) as e:
+    except (OSError, KeyError, TypeError, RuntimeError, ValueError) as e:
         raise ValueError(f"--teacher {directory} does not load: {e}") from None
     tv, sv = teacher.config.text.vocab_size, student_config.text.vocab_size
     if tv != sv:
@@ -570,3 +572,49 @@ class DistillObjective:
 
     def load_state_dict(self, state: dict) -> None:
         self.calls = int(state["calls"])
+
+
+def build_objective(cfg, model_config, tokenizer, train_stream, env) -> DistillObjective:
+    """The distillation objective of a `herd train --teacher DIR` run (herd.train.trainer.TrainConfig),
+    every input checked before the first step: the teacher loads and matches the student's
+    vocabulary and tokenizer; top-k fits the vocabulary; offline targets (`--teacher-targets`)
+    come from this teacher and this data stream and cover the run (precomputed on rank 0 when
+    the path does not exist yet)."""
+    from herd.train import distributed
+
+    schedule = WeightSchedule.parse(cfg.distill_weight)
+    V = model_config.text.vocab_size
+    if cfg.teacher_topk is not None and not 1 <= cfg.teacher_topk <= V:
+        raise ValueError(f"--teacher-topk {cfg.teacher_topk} must be between 1 and the vocabulary size {V}")
+    teacher = load_teacher(cfg.teacher, model_config, tokenizer, env.device)
+    common = dict(device=env.device, bos_id=tokenizer.bos_id, schedule=schedule, temperature=cfg.distill_temperature,
+                  topk_mode=cfg.teacher_topk_mode, document_mask=cfg.document_mask, max_steps=cfg.max_steps,
+                  grad_accum=cfg.grad_accum)
+    if not cfg.teacher_targets:
+        return DistillObjective(teacher=teacher, topk=cfg.teacher_topk, **common)
+    if cfg.teacher_topk is None:
+        raise ValueError("--teacher-targets stores the teacher's top-k: give --teacher-topk K")
+    if getattr(cfg, "align_steps", 0):
+        raise ValueError("--teacher-targets cover the main data stream only, not the --align-steps stage: "
+                         "use the online teacher (no --teacher-targets)")
+    tkey, dkey = teacher_key(cfg.teacher), data_key(train_stream, tokenizer)
+    need = cfg.max_steps * cfg.grad_accum
+    path = Path(cfg.teacher_targets)
+    if env.is_main and not path.exists():
+        print(f"precomputing the teacher's top-{cfg.teacher_topk} targets for {need} batches → {path}")
+        OfflineTargets.precompute(path, teacher, train_stream, need, cfg.teacher_topk, cfg.distill_temperature,
+                                  teacher_key=tkey, data_key=dkey, bos_id=tokenizer.bos_id,
+                                  document_mask=cfg.document_mask, bf16=cfg.bf16, device=env.device,
+                                  progress=cfg.progress)
+    distributed.barrier(env)
+    offline = OfflineTargets(path, tkey, dkey)
+    if offline.batches < need:
+        raise ValueError(f"--teacher-targets {path} cover {offline.batches} batches but this run needs {need} "
+                         "(max_steps × grad_accum): precompute them again into a new path")
+    if offline.k != cfg.teacher_topk:
+        raise ValueError(f"--teacher-targets {path} hold the top {offline.k}, not --teacher-topk {cfg.teacher_topk}")
+    check_targets(TopKTargets(torch.empty(0, offline.k), torch.empty(0, offline.k), torch.empty(0),
+                              offline.temperature, int(offline.meta["vocab_size"])), V, cfg.distill_temperature,
+                  cfg.teacher_topk_mode)
+    del teacher  # offline: the teacher's work is on disk
+    return DistillObjective(offline=offline, **common)

@@ -55,6 +55,13 @@ class TrainConfig(LoopConfig):
     data_cache: str | None = None
     max_docs: int | None = None  # per data source: only the first N documents (quick runs, tests)
     extra: dict = field(default_factory=dict)
+    # codistillation (herd.train.distill): a teacher's next-token distribution trains this model
+    teacher: str | None = None  # a model directory with the same tokenizer
+    distill_weight: str = "gap"  # w of the soft targets: a number in [0, 1], linear:A:B, gap[:TAU] (dynamic)
+    distill_temperature: float = 1.0
+    teacher_topk: int | None = None  # keep the teacher's K most likely tokens per position
+    teacher_topk_mode: str = "renorm"  # renorm | tail
+    teacher_targets: str | None = None  # offline top-k targets (precomputed into this directory when absent)
 
     def validate(self) -> None:
         if self.max_steps <= 0 or self.batch_size <= 0 or self.seq_len <= 0 or self.grad_accum <= 0:
@@ -62,6 +69,18 @@ class TrainConfig(LoopConfig):
         if self.fp8 not in (None, "tensorwise", "rowwise"):
             raise ValueError(f"--fp8 must be tensorwise or rowwise, got {self.fp8!r}")
         super().validate()
+        if not self.teacher and (self.teacher_targets or self.teacher_topk is not None
+                                 or self.distill_weight != "gap" or self.distill_temperature != 1.0):
+            raise ValueError("--distill-weight, --distill-temperature, --teacher-topk and --teacher-targets "
+                             "need --teacher DIR")
+        if self.teacher:
+            from herd.train.distill import WeightSchedule
+
+            WeightSchedule.parse(self.distill_weight)
+            if not self.distill_temperature > 0:
+                raise ValueError(f"--distill-temperature must be positive, got {self.distill_temperature}")
+            if self.teacher_topk_mode not in ("renorm", "tail"):
+                raise ValueError(f"--teacher-topk-mode must be renorm or tail, got {self.teacher_topk_mode!r}")
         if self.align_steps and self.align_start + self.align_steps >= self.max_steps:
             raise ValueError("the alignment stage (--align-start + --align-steps) must end before --max-steps")
 
@@ -249,8 +268,15 @@ def train(cfg: TrainConfig) -> dict:
     def plot(metrics_path, png):
         plot_curves(metrics_path, png, baseline, f"{cfg.preset}: {cfg.max_steps} steps")
 
-    summary = run(cfg, model, optimizer, objective, train_data, env, tokenizer=tokenizer, phases=phases,
-                  evals=evals, name="joint", plot=plot, summary={"baseline_unigram": baseline})
+    train_objective, extra_state = objective, {}
+    if cfg.teacher:  # codistillation: the teacher's distribution joins the data's labels (validation stays CE)
+        from herd.train import distill
+
+        train_objective = distill.build_objective(cfg, model_config, tokenizer, train_data, env)
+        extra_state = {"distill": train_objective}
+    summary = run(cfg, model, optimizer, train_objective, train_data, env, tokenizer=tokenizer, phases=phases,
+                  evals=evals, name="joint", plot=plot, summary={"baseline_unigram": baseline},
+                  extra_state=extra_state)
     distributed.teardown(env)
     return summary
 

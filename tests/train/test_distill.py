@@ -293,3 +293,114 @@ def test_teacher_forward_images_and_the_linear_schedule_step_count():
     with torch.no_grad():  # evaluation does not advance the schedule
         obj(student, b)
     assert obj.calls == 8
+
+
+# ----- herd train --teacher ------------------------------------------------------------------------
+TRAIN = dict(preset="tiny", width=128, layers=2, batch_size=2, seq_len=32, warmup=1, eval_every=100, eval_batches=1,
+             log_every=1, max_docs=20, progress=False, lr=3e-3, ckpt_every=2)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A tokenizer of the tiny vocabulary, a data cache and a random teacher (wider than the student)."""
+    import herd
+    from herd.data import training_texts
+    from herd.model.weights import save_model
+    from herd.presets import scaled_tiny
+    from herd.tokenizer import load_tokenizer
+    from herd.tokenizer_train import train_tokenizer
+
+    root = tmp_path_factory.mktemp("distill")
+    vocab = herd.get_config("tiny").text.vocab_size
+    texts = [t for _, t in zip(range(80), training_texts(limit=30))]
+    train_tokenizer(texts, vocab, root / "tok")
+    teacher = root / "teacher"
+    save_model(build_model(scaled_tiny(256, 2), seed=7), teacher)
+    load_tokenizer(root / "tok").save(teacher)
+    return {"tokenizer": str(root / "tok"), "data_cache": str(root / "cache"), "teacher": str(teacher),
+            "root": root, "texts": texts}
+
+
+def _train(out, assets, **kw):
+    from herd.train.trainer import TrainConfig, train
+
+    base = {k: assets[k] for k in ("tokenizer", "data_cache", "teacher")}
+    return train(TrainConfig(out=str(out), **{**TRAIN, **base, **kw}))
+
+
+def _rows(out):
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_with_a_teacher_logs_the_parts_and_resumes_exactly(tmp_path, assets):
+    from herd.model.weights import read_safetensors
+
+    kw = dict(max_steps=4, distill_weight="linear:1:0.2", distill_temperature=2.0)
+    _train(tmp_path / "full", assets, **kw)
+    _train(tmp_path / "cut", assets, stop_after=2, **kw)
+    _train(tmp_path / "cut", assets, resume=True, **kw)
+    full, cut = _rows(tmp_path / "full"), _rows(tmp_path / "cut")
+    assert [r["step"] for r in full] == [1, 2, 3, 4]
+    for k in ("distill/soft_loss", "distill/hard_loss", "distill/kl", "distill/teacher_ce", "distill/weight"):
+        assert all(k in r for r in full), k
+    assert [r["distill/weight"] for r in full] == pytest.approx([1.0, 0.8, 0.6, 0.4])
+    r = full[0]  # loss = w·soft + (1 − w)·hard, per token
+    assert r["loss"] == pytest.approx(r["distill/soft_loss"], rel=1e-4)
+    assert r["distill/kl"] == pytest.approx(r["distill/soft_loss"] / 4, rel=1e-4)
+    assert "val_loss" in full[-1]  # validation stays plain cross-entropy
+    assert [x["loss"] for x in cut] == [x["loss"] for x in full]
+    assert [x["distill/weight"] for x in cut] == [x["distill/weight"] for x in full]
+    a, b = read_safetensors(tmp_path / "full" / "model.safetensors"), read_safetensors(tmp_path / "cut" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_offline_targets_match_online_topk(tmp_path, assets):
+    kw = dict(max_steps=3, teacher_topk=16, distill_weight="gap", eval_every=100)
+    _train(tmp_path / "online", assets, **kw)
+    _train(tmp_path / "offline", assets, teacher_targets=str(tmp_path / "targets"), **kw)
+    assert (tmp_path / "targets" / "meta.json").exists()
+    on, off = _rows(tmp_path / "online"), _rows(tmp_path / "offline")
+    for a, b in zip(on, off):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+        assert a["distill/kl"] == pytest.approx(b["distill/kl"], rel=1e-4)
+    # a second run reuses the file; a longer one is refused before training
+    _train(tmp_path / "again", assets, teacher_targets=str(tmp_path / "targets"), **kw)
+    with pytest.raises(ValueError, match="cover 3 batches"):
+        _train(tmp_path / "longer", assets, teacher_targets=str(tmp_path / "targets"), **{**kw, "max_steps": 5})
+
+
+def test_bad_teachers_and_settings_fail_before_training(tmp_path, assets):
+    from herd.model.weights import save_model
+    from herd.presets import scaled_tiny
+    from herd.tokenizer import load_tokenizer
+    from herd.tokenizer_train import train_tokenizer
+
+    def fails(match, **kw):
+        with pytest.raises(ValueError, match=match):
+            _train(tmp_path / "run", assets, max_steps=2, **kw)
+        assert not (tmp_path / "run" / "metrics.jsonl").exists() or not (tmp_path / "run" / "metrics.jsonl").read_text()
+
+    fails("not a model directory", teacher=str(tmp_path / "missing"))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{")
+    (broken / "tokenizer.json").write_text("{}")
+    fails("does not load", teacher=str(broken))
+    small_vocab = tmp_path / "small_vocab"
+    save_model(build_model(model_config(), seed=0), small_vocab)
+    load_tokenizer(assets["tokenizer"]).save(small_vocab)
+    fails("vocabulary of 512", teacher=str(small_vocab))
+    other_tok = tmp_path / "other_tok"
+    train_tokenizer(assets["texts"][40:], 8192, other_tok)
+    save_model(build_model(scaled_tiny(128, 2), seed=0), other_tok)
+    fails("another tokenizer", teacher=str(other_tok))
+    fails("--teacher-topk", teacher_topk=8193)
+    fails("--distill-weight", distill_weight="sometimes")
+    fails("need --teacher", teacher=None, distill_weight="0.5")
+    fails("--teacher-topk K", teacher_targets=str(tmp_path / "t"))
+    # an offline file from another teacher
+    _train(tmp_path / "first", assets, max_steps=1, teacher_topk=4, teacher_targets=str(tmp_path / "t4"))
+    other = tmp_path / "other_teacher"
+    save_model(build_model(scaled_tiny(128, 2), seed=3), other)
+    load_tokenizer(assets["tokenizer"]).save(other)
+    fails("another teacher", teacher=str(other), teacher_topk=4, teacher_targets=str(tmp_path / "t4"), max_steps=1)
