@@ -117,8 +117,8 @@ def table(res: dict) -> str:
     for r in sorted(res["runs"], key=lambda r: (r["seed"] is None, r["seed"])):
         lines.append(f"| {r['seed']} | {r['steps']} | {r['val_loss']:.3f} | {r['digit_acc']:.3f} |")
     v, a = res["val_loss"], res["digit_acc"]
-    lines.append(f"| **mean ± std** (n = {v['n']}) | | **{v['mean']:.2f} ± {v['std']:.2f}** "
-                 f"({v['min']:.2f}–{v['max']:.2f}) | **{a['mean']:.2f} ± {a['std']:.2f}** ({a['min']:.2f}–{a['max']:.2f}) |")
+    spread = lambda x: f"**{x['mean']:.2f} ± {x['std']:.2f}** ({x['min']:.2f}–{x['max']:.2f})"  # noqa: E731
+    lines.append(f"| **mean ± std** (n = {v['n']}) | | {spread(v)} | {spread(a)} |")
     return "\n".join(lines)
 
 
