@@ -245,3 +245,15 @@ def test_chat_data_builds_splits_and_its_references_verify(tmp_path):
     assert n_images <= set(range(1, 6)) and len(n_images) > 2
     calc = next(r for r in rows["train"] if r["task"] == "calculator")
     assert [m["role"] for m in calc["messages"]] == ["system", "user", "assistant", "tool", "assistant"]
+
+
+def test_long_context_dialogs_come_from_the_longctx_generators(chat_model, tmp_path):
+    from herd.data.chat_data import build, verify
+
+    _, tok = chat_model
+    summary = build(tmp_path, per_task=40, tasks=("longctx",), tokenizer=tok, longctx_length=600, progress=False)
+    rows = [json.loads(x) for s in ("train", "val", "test") for x in (tmp_path / f"{s}.jsonl").read_text().splitlines()]
+    assert sum(summary["tasks"]["longctx"].values()) == len(rows) == 4
+    for r in rows:
+        check_sft_row(r)
+        assert verify(r, r["messages"][-1]["content"]) == 1.0 and verify(r, "nothing") == 0.0
