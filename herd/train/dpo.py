@@ -306,8 +306,10 @@ def reference_logps(model, pairs, cfg, pad_id: int, env) -> tuple[torch.Tensor, 
 class DPOLoss:
     """herd.train.loop.Objective for preference pairs: the loss unit is one pair."""
 
-    def __init__(self, device, beta: float = 0.1, loss_type: str = "sigmoid", sft_coef: float = 0.0):
+    def __init__(self, device, beta: float = 0.1, loss_type: str = "sigmoid", sft_coef: float = 0.0,
+                 vision_keepalive=None):
         self.device, self.beta, self.loss_type, self.sft_coef = device, beta, loss_type, sft_coef
+        self.keepalive = vision_keepalive  # model config under torchrun: see herd.train.sft.MaskedNextTokenLoss
 
     def tokens(self, batch: PairBatch) -> int:
         return len(batch.index)
@@ -316,7 +318,16 @@ class DPOLoss:
         d = self.device
         ids, cmask = batch.input_ids.to(d), batch.completion_mask.to(d)
         px = None if batch.pixel_values is None else batch.pixel_values.to(d)
-        logits = model(ids, pixel_values=px)  # [2b, T, V]: chosen rows, then rejected rows
+        if px is None and self.keepalive is not None:  # one extra row with a blank tile, its logits dropped
+            cfg, T = self.keepalive, ids.shape[1]
+            n = cfg.vision.tokens_per_tile
+            row = torch.zeros((1, max(T, n)), dtype=torch.long, device=d)
+            row[0, :n] = cfg.image_token_index
+            ids_x = torch.cat([F.pad(ids, (0, row.shape[1] - T)), row])
+            blank = torch.zeros((1, 3, cfg.vision.image_size, cfg.vision.image_size), device=d)
+            logits = model(ids_x, pixel_values=blank)[:-1, :T]
+        else:
+            logits = model(ids, pixel_values=px)  # [2b, T, V]: chosen rows, then rejected rows
         sums, counts = completion_logps(logits, ids, cmask)
         b = len(batch.index)
         pc, pr = sums[:b], sums[b:]
@@ -414,7 +425,9 @@ def dpo(cfg: DPOConfig) -> dict:
     torch.manual_seed(cfg.seed)
     source = PairSource(pairs, ref, cfg.batch_size, pad, cfg.seed, env.rank, env.world)
     model, optimizer = build_optimizer(model, cfg, env, verbose=False)
-    objective = DPOLoss(env.device, cfg.beta, cfg.loss_type, cfg.sft_coef)
+    config = distributed.unwrap(model).config
+    keepalive = config if env.distributed and config.vision is not None else None
+    objective = DPOLoss(env.device, cfg.beta, cfg.loss_type, cfg.sft_coef, keepalive)
     evals = []
     if val_pairs:
         per = max(1, cfg.batch_size // env.world)
