@@ -15,7 +15,7 @@ crash-safe checkpoints with bit-exact resume, FSDP2/DDP under torchrun, the fina
     needed, parameters that stay frozen (pre-training's vision-alignment stage).
   * **evaluation hooks**: callables `model → {metric: value}` run every `eval_every` steps on every
     rank (FSDP needs all ranks in each forward); their metrics land in the same metrics.jsonl row.
-    `validation_loss(objective, batches, env)` turns an objective into one.
+    `validation_loss(objective, batches, env, cfg)` turns an objective into one.
 
 Adding a stage (mid-training, distillation, ...), in its own module:
 
@@ -28,7 +28,12 @@ Adding a stage (mid-training, distillation, ...), in its own module:
     model, tokenizer = init_from(cfg.init)               # or build from a preset as herd train does
     model, optimizer = build_optimizer(model, cfg, env)
     summary = run(cfg, model, optimizer, MyObjective(), source, env, tokenizer=tokenizer,
-                  evals=[validation_loss(MyObjective(), val_batches, env)])
+                  evals=[validation_loss(MyObjective(), val_batches, env, cfg)])
+
+Under torchrun (FSDP2) every rank must run the same modules in a step: an objective whose batches
+sometimes carry images and sometimes not gives image-less batches one blank, unlabelled tile
+(`vision_keepalive` in herd.train.sft.MaskedNextTokenLoss and herd.train.dpo.DPOLoss), or the
+gradient reduction of the vision tower's parameters hangs or aborts.
 
 The stage's config dataclass subclasses `LoopConfig` (help text in `field(metadata={"help": ...})`)
 and gets its command-line flags from `herd.train.flags.add_dataclass_arguments`.
