@@ -25,13 +25,18 @@ RewardFn = Callable[..., list]
 
 
 def correctness(prompts, completions, verifier=None, answer=None, entry=None, **_) -> list[float | None]:
-    """1.0 when the task's verifier (herd.data.chat_data.verify) accepts the completion, else 0.0;
-    None for rows without a verifier."""
+    """1.0 when the task's verifier (herd.data.chat_data.verify) fully accepts the completion, else
+    0.0 (reasoning-gym's partial credit for a wrong answer, 0.01, counts as wrong: a pass/fail
+    reward, as TRL's accuracy_reward); None for rows without a verifier."""
     from herd.data.chat_data import verify
 
     n = len(completions)
     verifier, answer, entry = verifier or [None] * n, answer or [None] * n, entry or [None] * n
-    return [verify({"verifier": v, "answer": a, "entry": e}, c) for c, v, a, e in zip(completions, verifier, answer, entry)]
+    out = []
+    for c, v, a, e in zip(completions, verifier, answer, entry):
+        s = verify({"verifier": v, "answer": a, "entry": e}, c)
+        out.append(None if s is None else float(s >= 1.0))
+    return out
 
 
 def format_reward(completions, max_chars: int = 200, **_) -> list[float]:

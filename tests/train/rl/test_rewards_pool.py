@@ -89,3 +89,12 @@ def test_pool_state_round_trips():
     assert b.draw(4) == a.draw(4) and b.counts() == a.counts()
     with pytest.raises(ValueError, match="same --tasks"):
         PromptPool(11).load_state_dict(a.state_dict())
+
+
+def test_correctness_is_pass_fail_on_reasoning_gym_tasks():
+    from herd.data.chat_data import reasoning_gym_examples
+
+    ex = reasoning_gym_examples("chain_sum", 3, seed=0)[0]
+    cols = {"verifier": [ex["verifier"]] * 3, "answer": [ex["answer"]] * 3, "entry": [ex["entry"]] * 3}
+    wrong = str(int(ex["answer"]) + 1)
+    assert correctness(prompts=["q"] * 3, completions=[ex["answer"], wrong, "no idea"], **cols) == [1.0, 0.0, 0.0]
