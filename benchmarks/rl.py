@@ -47,11 +47,13 @@ def herd_run(name: str, out: Path, args, extra: list[str]) -> dict:
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     wall = time.perf_counter() - t
     if r.returncode != 0:
-        return {"name": name, "error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"}
+        errs = [x for x in r.stderr.splitlines() if "rror" in x] or [f"exit {r.returncode}"]
+        return {"name": name, "error": errs[-1].strip()}
     rows = rows_of(out / name)
     summary = json.loads((out / name / "summary.json").read_text())
     return {"name": name, "wall_s": round(wall, 1), "loop_s": summary["wall_s"],
-            "samples": summary["total_samples"], "samples_per_s": round(summary["total_samples"] / summary["wall_s"], 2),
+            "samples": summary["total_samples"],
+            "samples_per_s": round(summary["total_samples"] / summary["wall_s"], 2),
             "eval": [(r["step"], r["eval/reward"]) for r in rows if "eval/reward" in r],
             "reward": [(r["step"], r["reward"]) for r in rows], "pool": summary.get("pool")}
 
@@ -118,10 +120,12 @@ print(json.dumps({"wall_s": wall, "steps": trainer.state.global_step,
 
 
 def trl_run(out: Path, args, budget: float) -> dict:
-    cfg = {"init": args.init, "tasks": args.tasks, "per_task": args.per_task, "seed": args.seed, "rewards": args.rewards,
+    cfg = {"init": args.init, "tasks": args.tasks, "per_task": args.per_task, "seed": args.seed,
+           "rewards": args.rewards,
            "out": str(out / "trl"), "G": args.group_size, "P": args.prompts, "max_new": args.max_new_tokens,
            "lr": args.lr, "max_steps": args.steps if args.smoke else 10_000}
-    r = subprocess.run([args.trl_python, "-c", TRL_SCRIPT, json.dumps(cfg), str(budget), os.environ.get("HERD_THREADS", "2")],
+    threads = os.environ.get("HERD_THREADS", "2")
+    r = subprocess.run([args.trl_python, "-c", TRL_SCRIPT, json.dumps(cfg), str(budget), threads],
                        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if r.returncode != 0:
         errs = [x for x in r.stderr.splitlines() if "Error" in x or "error" in x] or [f"exit {r.returncode}"]
@@ -197,7 +201,8 @@ def main() -> None:
                           f"s to train reward ≥ {args.target}"], table)]
     ratio = lambda a, b: (runs[a]["samples_per_s"] / runs[b]["samples_per_s"]  # noqa: E731
                           if a in runs and b in runs and "error" not in runs[a] and "error" not in runs[b] else None)
-    for label, a, b, goal in [("async ÷ sync samples/s", "async", "sync", 1.3), ("herd sync ÷ TRL samples/s", "sync", "trl", 5.0)]:
+    for label, a, b, goal in [("async ÷ sync samples/s", "async", "sync", 1.3),
+                              ("herd sync ÷ TRL samples/s", "sync", "trl", 5.0)]:
         v = ratio(a, b)
         md.append(f"- {label}: {v:.2f} (goal ≥ {goal})" if v else f"- {label}: n/a")
     (out / "rl.md").write_text("\n".join(md) + "\n")

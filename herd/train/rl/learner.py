@@ -82,7 +82,8 @@ class RLConfig(LoopConfig):
     rewards: str = field(default="correctness:1,format:0.2", metadata={"help": "reward functions and weights"})
     tau: float = field(default=0.75, metadata={"help": "pool: draw prompts with pass rate in (0, tau]"})
     uniform: bool = field(default=False, metadata={"help": "draw prompts uniformly (no pass-rate pool; ablation)"})
-    constant_steps: int = field(default=5, metadata={"help": "stop after this many consecutive steps of constant reward"})
+    constant_steps: int = field(default=5, metadata={
+        "help": "stop after this many consecutive steps of constant reward"})
     refill_rounds: int = field(default=4, metadata={"help": "extra draws per step to replace zero-advantage groups"})
     max_staleness: int = field(default=1, metadata={"help": "policy versions a sample may lag (0 = synchronous)"})
     workers: int = field(default=2, metadata={"help": "rollout workers (Ray actors); 0 = one in-process worker"})
@@ -97,7 +98,8 @@ class RLConfig(LoopConfig):
         if self.grad_accum != 1:
             raise ValueError("herd rl takes one batch per optimizer step (--grad-accum 1)")
         if self.group_size < 2:
-            raise ValueError(f"--group-size must be ≥ 2 (advantages are relative to the group), got {self.group_size}")
+            raise ValueError(f"--group-size must be ≥ 2 (advantages are relative to the group), "
+                             f"got {self.group_size}")
         if self.prompts_per_step < 1 or self.max_new_tokens < 1:
             raise ValueError("--prompts-per-step and --max-new-tokens must be positive")
         if self.max_staleness < 0 or self.workers < 0:
@@ -149,7 +151,8 @@ def load_items(tasks: str, per_task: int = 300, seed: int = 0) -> tuple[list[dic
         val = read(val_path) if val_path.is_file() and val_path != path else []
     else:
         names = [t.strip() for t in tasks.split(",") if t.strip()]
-        builders = {**{n: (lambda n=n: chat_data.reasoning_gym_examples(n, per_task, seed)) for n in chat_data.RG_TASKS},
+        builders = {**{n: (lambda n=n: chat_data.reasoning_gym_examples(n, per_task, seed))
+                       for n in chat_data.RG_TASKS},
                     "calculator": lambda: chat_data.calculator_examples(per_task, seed),
                     "code_qa": lambda: chat_data.code_qa_examples(per_task, seed)}
         bad = [n for n in names if n not in builders]
@@ -425,9 +428,12 @@ class RolloutSource:
 
 
 # ----- held-out reward ----------------------------------------------------------------------------
-def heldout_reward(items: list[dict], tokenizer, cfg: RLConfig, key: str = "eval/reward"):
-    """An evaluation hook: mean correctness of greedy replies to the first `eval_prompts` held-out items."""
+def heldout_reward(items: list[dict], tokenizer, cfg: RLConfig):
+    """An evaluation hook on the first `eval_prompts` held-out items, greedy replies: `eval/reward`
+    (the training reward: the same functions and weights) and `eval/accuracy` (verifier pass rate)."""
     items = items[:cfg.eval_prompts]
+    weights = parse_rewards(cfg.rewards)
+    funcs = {k: REWARDS[k] for k in weights}
 
     def hook(model) -> dict:
         if not items:
@@ -439,10 +445,11 @@ def heldout_reward(items: list[dict], tokenizer, cfg: RLConfig, key: str = "eval
         outs = generate(model, prompts, max_new_tokens=cfg.max_new_tokens, temperature=0.0)
         eos = set(model.config.text.eos_token_ids)
         texts = [tokenizer.decode([t for t in o if t not in eos]) for o in outs]
-        cols = {k: [it.get(k) for it in items] for k in ("answer", "verifier", "entry")}
-        scores = REWARDS["correctness"](prompts=[prompt_text(it) for it in items], completions=texts, **cols)
-        vals = [s for s in scores if s is not None]
-        return {key: sum(vals) / len(vals) if vals else None}
+        cols = {k: [it.get(k) for it in items] for k in ("answer", "verifier", "entry", "task", "id")}
+        totals, _, _ = score(funcs, weights, [prompt_text(it) for it in items], texts, cols)
+        passed = [s for s in REWARDS["correctness"](prompts=None, completions=texts, **cols) if s is not None]
+        mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+        return {"eval/reward": mean([t for t in totals if t is not None]), "eval/accuracy": mean(passed)}
 
     return hook
 
@@ -458,7 +465,8 @@ def plot_rl(metrics_path: Path, png: Path, title: str = "") -> None:
         return
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), dpi=100)
     for ax, keys, ylabel in [(axes[0], ["reward", "eval/reward"], "reward"),
-                             (axes[1], ["frac_reward_zero_std", "clip_ratio/region_mean", "entropy"], "fraction / nats"),
+                             (axes[1], ["eval/accuracy", "frac_reward_zero_std", "clip_ratio/region_mean"],
+                              "fraction"),
                              (axes[2], ["mismatch_kl", "staleness/mean"], "KL / versions")]:
         for k in keys:
             pts = [(r["step"], r[k]) for r in rows if k in r]

@@ -62,7 +62,7 @@ def test_in_process_run_logs_trl_metrics_and_resumes(rl_model, tmp_path):
                   "clip_ratio/high_mean", "clip_ratio/region_mean", "entropy", "mismatch_kl", "staleness/max"):
             assert k in x, k
         assert x["mismatch_kl"] <= 1e-6 and x["staleness/max"] == 0
-    assert "eval/reward" in r[-1] and 0 <= r[-1]["eval/reward"] <= 1
+    assert 0 <= r[-1]["eval/reward"] <= 1 and 0 <= r[-1]["eval/accuracy"] <= 1  # held-out: reward, verifier pass rate
     assert (out / "rl.png").stat().st_size > 0 and (out / "model.safetensors").exists()
 
 
