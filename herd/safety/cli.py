@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from herd.safety.verdict import check_text
 
@@ -151,8 +150,3 @@ def add_guard_subcommand(subparsers) -> None:
     q.add_argument("--eval-limit", type=int, help="scan only the first N held-out examples")
     q.set_defaults(func=_cmd_train_llama)
 
-
-def guard_cli(argv=None) -> int:
-    from herd.cli import main
-
-    return main(["guard", *(sys.argv[1:] if argv is None else argv)])
