@@ -508,9 +508,15 @@ def train(cfg: RLConfig, backend_factory=None) -> dict:
     model, optimizer = build_optimizer(model, cfg, env, verbose=False)
     loop_cfg = dataclasses.replace(cfg, progress=False)  # the source draws the bar (reward, samples/s, staleness)
     summary = {"prompts": len(train_items), "heldout_prompts": min(len(val_items), cfg.eval_prompts)}
+    heldout = heldout_reward(val_items, tokenizer, cfg)
+    initial = Path(cfg.out) / "initial_eval.json"  # the starting model's held-out scores ("before RL")
+    if not (cfg.resume and initial.exists()):
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        initial.write_text(json.dumps(heldout(model)) + "\n")
+    summary.update({k.replace("eval/", "initial_eval/"): v for k, v in json.loads(initial.read_text()).items()})
     try:
         result = run(loop_cfg, model, optimizer, GRPOObjective(cfg, ref_model), source, env, tokenizer=tokenizer,
-                     evals=[heldout_reward(val_items, tokenizer, cfg)], name="rl", summary=summary,
+                     evals=[heldout], name="rl", summary=summary,
                      plot=lambda m, png: plot_rl(m, png.with_name("rl.png"), f"herd rl from {cfg.init}"))
     finally:
         source.close()

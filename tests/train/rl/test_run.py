@@ -57,6 +57,7 @@ def test_in_process_run_logs_trl_metrics_and_resumes(rl_model, tmp_path):
         summary = train(tiny_cfg(rl_model, out, max_staleness=0, resume=True))
     r = rows(out)
     assert [x["step"] for x in r] == [1, 2, 3] and summary["step"] == 3
+    assert 0 <= summary["initial_eval/accuracy"] <= 1  # the held-out score before RL, kept across the resume
     for x in r:
         for k in ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "clip_ratio/low_mean",
                   "clip_ratio/high_mean", "clip_ratio/region_mean", "entropy", "mismatch_kl", "staleness/max"):
