@@ -37,6 +37,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -380,7 +381,7 @@ class DPOConfig(LoopConfig):
     batch_size: int = field(default=8, metadata={"help": "global batch, in pairs"})
     max_len: int = field(default=512, metadata={"help": "longest prompt + completion in tokens"})
     beta: float = field(default=0.1, metadata={"help": "β: strength of the pull towards the reference"})
-    loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid (DPO) or ipo"})
+    loss_type: Literal["sigmoid", "ipo"] = field(default="sigmoid", metadata={"help": "sigmoid (DPO) or ipo"})
     sft_coef: float = field(default=0.0, metadata={"help": "weight of the chosen answer's mean token NLL "
                                                            "(TRL's rpo_alpha; 0: off)"})
     ref_cache: str | None = field(default=None, metadata={"help": "directory for cached reference log-probs "

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -61,8 +62,8 @@ class SFTConfig(LoopConfig):
     metap: bool = field(default=False, metadata={"help": "MetaP learning-rate multipliers (off: one rate)"})
     prune: float = field(default=0.5, metadata={"help": "drop this easiest fraction of the data before training "
                                                         "(0: keep all; 0.95: the Behemoth setting)"})
-    prune_mode: str = field(default="model", metadata={"help": "model: by the model's difficulty scores; random: "
-                                                               "a random subset of the same size (ablation)"})
+    prune_mode: Literal["model", "random"] = field(default="model", metadata={
+        "help": "model: by the model's difficulty scores; random: a random subset of the same size (ablation)"})
     prune_scores: str | None = field(default=None, metadata={
         "help": "reuse difficulty scores from an earlier run's prune/scores.jsonl (same data) instead of scoring"})
     prune_k: int = field(default=4, metadata={"help": "samples per verifiable item for pass@k scoring"})
