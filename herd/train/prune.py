@@ -173,7 +173,7 @@ def plot_difficulty(scores: list[dict], keep: list[bool], png: Path) -> None:
 
 
 def prune_examples(model, tokenizer, examples, cfg, out_dir: Path, env):
-    """Score (rank 0 writes, every rank computes the same), choose, write the report → (kept examples, summary)."""
+    """Score and choose on rank 0, write the report, every rank reads the same choice → (kept examples, summary)."""
     from herd.data.longctx import write_jsonl_atomic
 
     pad = tokenizer.special_tokens.get("<|finetune_right_pad|>", tokenizer.special_tokens["<|eot|>"])
@@ -189,12 +189,12 @@ def prune_examples(model, tokenizer, examples, cfg, out_dir: Path, env):
         scores = [{k: v for k, v in s.items() if k != "kept"} for s in scores]
         if [s["id"] for s in scores] != [e.id for e in examples]:
             raise ValueError(f"--prune-scores {cfg.prune_scores}: scored other examples than --data")
-    if scores is None:
+    if scores is None and env.is_main:  # rank 0 scores; the others read its file (one selection for all)
         if cfg.prune_mode == "random":
             scores = [{"id": e.id, "task": e.row.get("task", "?"), "pass_rate": None, "loss": 0.0} for e in examples]
         else:
             scores = score_examples(model, tokenizer, examples, cfg, env.device, pad)
-    keep = choose(scores, cfg.prune, cfg.prune_mode, cfg.seed)
+    keep = choose(scores, cfg.prune, cfg.prune_mode, cfg.seed) if scores is not None else None
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_jsonl_atomic([{**s, "kept": k} for s, k in zip(scores, keep)], cached)
@@ -202,6 +202,9 @@ def prune_examples(model, tokenizer, examples, cfg, out_dir: Path, env):
         (out_dir / "dropped.txt").write_text("".join(s["id"] + "\n" for s, k in zip(scores, keep) if not k))
         plot_difficulty(scores, keep, out_dir / "difficulty.png")
     distributed.barrier(env)
+    if keep is None:
+        rows = [json.loads(x) for x in cached.read_text().splitlines() if x.strip()]
+        keep = [bool(r["kept"]) for r in rows]
     kept = [e for e, k in zip(examples, keep) if k]
     report = {"pruned": len(examples) - len(kept), "kept": len(kept), "prune": cfg.prune, "prune_mode": cfg.prune_mode}
     if env.is_main and cfg.progress:
