@@ -31,6 +31,7 @@ On disk (checkpoint layout of herd.save_model, plus):
   <linear>.qweight int8 [out, in] | uint8 [out, in/2]   <linear>.scales [out] | [out, in/g]
   <linear>.zeros [out, in/g] (int4)                    <linear>.bias (if any)
   <experts>.gate_up_qweight [E, 2I, H(/2)] …           <experts>.down_qweight [E, H, I(/2)] …
+  <moe>.expert_bias [E] float32 (only where non-zero: the herd-only load-balancing bias, as save_model)
 and config.json gets "quantization_config": {"quant_method": "herd", "bits", "group_size", "modules",
 "activations" (null: weight-only; "int8": decode quantizes activations, see Int8Kernel)}.
 """
@@ -47,7 +48,7 @@ from torch import nn
 
 from herd.config import ModelConfig
 from herd.inference.fast import FastLinear, InferenceLlama4, KernelExperts, inference_skeleton, install_kernels
-from herd.model.moe import MoE
+from herd.model.moe import MoE, expert_biases
 from herd.model.weights import atomic_write_bytes, quantization_config, read_safetensors, write_safetensors
 
 QUANT_METHOD = "herd"
@@ -423,6 +424,8 @@ def save_quantized(model, out_dir) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config
     state = {_ckpt_key(k, cfg.is_multimodal): v for k, v in _unfused_state(model).items() if v is not None}
+    # the non-zero MoE load-balancing biases (non-persistent buffers, herd-only; herd/model/moe.py)
+    state.update({_ckpt_key(k, cfg.is_multimodal): v for k, v in expert_biases(model).items()})
     write_safetensors(out / "model.safetensors", state, {"format": "pt", "quantization": json.dumps(qc)})
     hf = cfg.to_hf_dict()
     hf["torch_dtype"] = str(model.dtype).removeprefix("torch.")
@@ -472,6 +475,13 @@ def load_quantized(path, dtype: torch.dtype | None = None) -> InferenceLlama4:
     for f in sorted(d.glob("*.safetensors")):
         tensors.update(read_safetensors(f))
     mm = config.is_multimodal
+    biases = {}  # optional herd-only `…feed_forward.expert_bias` [E]: zeros when absent
+    for name, buf in model.named_buffers():
+        if name.endswith(".expert_bias") and _ckpt_key(name, mm) in tensors:
+            t = tensors.pop(_ckpt_key(name, mm))
+            if tuple(t.shape) != tuple(buf.shape):
+                raise ValueError(f"{d}: {name} has shape {tuple(t.shape)}, the config needs {tuple(buf.shape)}")
+            biases[name] = t
     state = {}
     for k in model.state_dict():
         ck = _ckpt_key(k, mm)
@@ -494,6 +504,8 @@ def load_quantized(path, dtype: torch.dtype | None = None) -> InferenceLlama4:
                 module.register_buffer(name, torch.zeros(buf.shape, dtype=buf.dtype), persistent=False)
         if isinstance(module, (QuantLinear, QuantExperts)):
             module.refresh()
+    for name, t in biases.items():  # before install_kernels: FastMoE checks once whether routing is plain
+        model.get_submodule(name.removesuffix(".expert_bias")).expert_bias.copy_(t)
     model.quantization_config = qc
     model = install_kernels(model)
     return set_int8_activations(model) if qc.get("activations") == "int8" else model

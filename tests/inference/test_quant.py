@@ -76,6 +76,47 @@ def test_quantized_model_tracks_the_original_and_round_trips(bits, tmp_path):
     assert (inc - out[:1]).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_directory_keeps_the_moe_expert_bias(bits, tmp_path):
+    """A non-zero load-balancing bias (herd-only, herd/model/moe.py) survives save → load:
+    the loaded model routes every token to the same experts and gives the same logits as the
+    model quantized in memory — and the bias really moves the routing here."""
+    from herd.model.moe import MoE, expert_biases
+
+    model = _model()
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    g = torch.Generator().manual_seed(3)
+    for m in moes:
+        m.expert_bias.copy_(torch.randn(m.num_experts, generator=g) * 5)
+    ids = torch.randint(0, 500, (1, 24), generator=torch.Generator().manual_seed(2))
+
+    def counts(mdl):
+        return [m.last_counts.clone() for m in mdl.modules() if isinstance(m, MoE)]
+
+    with torch.no_grad():
+        q = quantize_model(copy.deepcopy(model), bits=bits, group_size=32)
+        out, routed = q(ids), counts(q)
+        save_quantized(q, tmp_path)
+        back = load_quantized(tmp_path)
+        assert torch.equal(back(ids), out)
+        assert all(torch.equal(a, b) for a, b in zip(counts(back), routed))
+        saved = expert_biases(back)
+        assert len(saved) == len(moes) and all(torch.equal(saved[k], v) for k, v in expert_biases(q).items())
+        # token by token (FastMoE's one-token path) routes the same way too
+        cache = KVCache.for_model(back, 1, 32)
+        first = back(ids[:, :20], cache=cache)
+        inc = torch.cat([first] + [back(ids[:, t:t + 1], cache=cache) for t in range(20, 24)], 1)
+        assert (inc - out).abs().max().item() < 1e-4
+        # the bias matters: without it the same weights route (and score) differently
+        plain = copy.deepcopy(model)
+        for m in plain.modules():
+            if isinstance(m, MoE):
+                m.expert_bias.zero_()
+        qp = quantize_model(plain, bits=bits, group_size=32)
+        assert not torch.equal(qp(ids), out)
+        assert any(not torch.equal(a, b) for a, b in zip(counts(qp), routed))
+
+
 def test_quantized_multimodal_bf16_generates(tmp_path):
     model = _model(torch.bfloat16, vision=True, tie_word_embeddings=True)
     q = quantize_model(copy.deepcopy(model), bits=8)
