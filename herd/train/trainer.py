@@ -254,6 +254,11 @@ def train(cfg: TrainConfig) -> dict:
         align_data, _ = build_data(cfg, tokenizer, model_config, env, weights={"digits": 1.0})
         lm_params = [p for n, p in model.named_parameters() if n.removeprefix("module.").startswith("language_model.")]
         phases.append(Phase("align", align_data, cfg.align_start, cfg.align_start + cfg.align_steps, lm_params))
+    distill_objective = None
+    if cfg.teacher:  # codistillation: the teacher's distribution joins the data's labels (validation stays CE)
+        from herd.train import distill
+
+        distill_objective = distill.build_objective(cfg, model_config, tokenizer, train_data, env)
     from herd.data import unigram_baseline
 
     baseline = unigram_baseline(train_data.shard(0, 1))  # on the whole global batch, whatever the rank
@@ -268,15 +273,9 @@ def train(cfg: TrainConfig) -> dict:
     def plot(metrics_path, png):
         plot_curves(metrics_path, png, baseline, f"{cfg.preset}: {cfg.max_steps} steps")
 
-    train_objective, extra_state = objective, {}
-    if cfg.teacher:  # codistillation: the teacher's distribution joins the data's labels (validation stays CE)
-        from herd.train import distill
-
-        train_objective = distill.build_objective(cfg, model_config, tokenizer, train_data, env)
-        extra_state = {"distill": train_objective}
-    summary = run(cfg, model, optimizer, train_objective, train_data, env, tokenizer=tokenizer, phases=phases,
-                  evals=evals, name="joint", plot=plot, summary={"baseline_unigram": baseline},
-                  extra_state=extra_state)
+    summary = run(cfg, model, optimizer, distill_objective or objective, train_data, env, tokenizer=tokenizer,
+                  phases=phases, evals=evals, name="joint", plot=plot, summary={"baseline_unigram": baseline},
+                  extra_state={"distill": distill_objective} if distill_objective else None)
     distributed.teardown(env)
     return summary
 

@@ -370,37 +370,52 @@ def test_train_offline_targets_match_online_topk(tmp_path, assets):
 
 
 def test_bad_teachers_and_settings_fail_before_training(tmp_path, assets):
+    import herd
     from herd.model.weights import save_model
     from herd.presets import scaled_tiny
     from herd.tokenizer import load_tokenizer
     from herd.tokenizer_train import train_tokenizer
+    from herd.train.distill import load_teacher
+    from herd.train.trainer import TrainConfig
 
-    def fails(match, **kw):
+    student, tok = herd.get_config("tiny"), load_tokenizer(assets["tokenizer"])
+
+    def bad_teacher(match, directory):
         with pytest.raises(ValueError, match=match):
-            _train(tmp_path / "run", assets, max_steps=2, **kw)
-        assert not (tmp_path / "run" / "metrics.jsonl").exists() or not (tmp_path / "run" / "metrics.jsonl").read_text()
+            load_teacher(directory, student, tok)
 
-    fails("not a model directory", teacher=str(tmp_path / "missing"))
+    bad_teacher("not a model directory", tmp_path / "missing")
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text("{")
     (broken / "tokenizer.json").write_text("{}")
-    fails("does not load", teacher=str(broken))
+    bad_teacher("does not load", broken)
     small_vocab = tmp_path / "small_vocab"
     save_model(build_model(model_config(), seed=0), small_vocab)
-    load_tokenizer(assets["tokenizer"]).save(small_vocab)
-    fails("vocabulary of 512", teacher=str(small_vocab))
+    tok.save(small_vocab)
+    bad_teacher("vocabulary of 512", small_vocab)
     other_tok = tmp_path / "other_tok"
     train_tokenizer(assets["texts"][40:], 8192, other_tok)
     save_model(build_model(scaled_tiny(128, 2), seed=0), other_tok)
-    fails("another tokenizer", teacher=str(other_tok))
+    bad_teacher("another tokenizer", other_tok)
+    for match, kw in (("--distill-weight", dict(teacher="t", distill_weight="sometimes")),
+                      ("need --teacher", dict(distill_weight="0.5")),
+                      ("need --teacher", dict(teacher_targets="x")),
+                      ("temperature must be positive", dict(teacher="t", distill_temperature=0.0))):
+        with pytest.raises(ValueError, match=match):
+            TrainConfig(**kw).validate()
+
+    def fails(match, **kw):  # through herd train: refused before the first step
+        with pytest.raises(ValueError, match=match):
+            _train(tmp_path / "run", assets, **{"max_steps": 1, **kw})
+        assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
     fails("--teacher-topk", teacher_topk=8193)
-    fails("--distill-weight", distill_weight="sometimes")
-    fails("need --teacher", teacher=None, distill_weight="0.5")
     fails("--teacher-topk K", teacher_targets=str(tmp_path / "t"))
-    # an offline file from another teacher
+    # an offline file from another teacher, or one that does not cover the run
     _train(tmp_path / "first", assets, max_steps=1, teacher_topk=4, teacher_targets=str(tmp_path / "t4"))
     other = tmp_path / "other_teacher"
     save_model(build_model(scaled_tiny(128, 2), seed=3), other)
-    load_tokenizer(assets["tokenizer"]).save(other)
-    fails("another teacher", teacher=str(other), teacher_topk=4, teacher_targets=str(tmp_path / "t4"), max_steps=1)
+    tok.save(other)
+    fails("another teacher", teacher=str(other), teacher_topk=4, teacher_targets=str(tmp_path / "t4"))
+    fails("cover 1 batches", teacher_topk=4, teacher_targets=str(tmp_path / "t4"), max_steps=2)
