@@ -60,8 +60,8 @@ class Sequence:
         self.id = seq_id
         self.prompt = prompt
         self.params = params
-        self.state = RowState(params, vocab_size)
         self.stop_ids = set(eos if params.stop_token_ids is None else params.stop_token_ids)
+        self.state = RowState(params, vocab_size, prompt=prompt, stop_ids=self.stop_ids)
         self.text = TextStream(tokenizer, params.stop) if tokenizer is not None else None
         self.pixel_values, self.features = pixel_values, image_features
         self.output: list[int] = []

@@ -1,11 +1,19 @@
-"""Choosing the next token: greedy, temperature, top-k, top-p, min-p, frequency/presence penalties.
+"""Choosing the next token: greedy, temperature, top-k, top-p, min-p, repetition / frequency /
+presence penalties, min_tokens.
 
 `SamplingParams` describes one request; `sample(logits, rows)` picks the next token for a batch of
 rows that may each use different settings. Every step is vectorised over the rows except the
 final draw, which uses each row's own seeded generator — so a sequence samples the same tokens
 whether it runs alone or batched with others.
 
-Order (as transformers and vLLM apply them): penalties → temperature → top-k → top-p → min-p.
+Order (as vLLM applies them; transformers' processors agree where they overlap):
+  min_tokens → repetition penalty → frequency/presence penalties → temperature → top-k → top-p → min-p.
+  * min_tokens: the row's stop token ids (eos unless overridden) get −inf until min_tokens tokens
+    have been generated (vLLM's MinTokensLogitsProcessor). Stop *strings* are still honoured.
+  * repetition_penalty p (multiplicative; CTRL, Keskar et al. 2019, as transformers'
+    RepetitionPenaltyLogitsProcessor and vLLM): for every token seen in the prompt or the output
+    so far, logit / p if the logit is positive, logit · p if not. 1 = off.
+  * frequency/presence (OpenAI's, additive): logit − f · count − p · [count > 0], output only.
 Reported logprobs are the model's own (log-softmax of the raw logits), whatever the sampling.
 """
 
@@ -27,6 +35,8 @@ class SamplingParams:
     min_p: float = 0.0  # 0 = off; drop tokens below min_p × the top token's probability
     frequency_penalty: float = 0.0  # subtract penalty × count of the token in the output so far
     presence_penalty: float = 0.0  # subtract penalty once if the token occurs in the output
+    repetition_penalty: float = 1.0  # 1 = off; > 1 discourages tokens seen in prompt + output
+    min_tokens: int = 0  # stop token ids are masked until this many tokens are generated
     seed: int | None = None
     stop_token_ids: list[int] | None = None  # None = the model's eos ids; [] = none
     stop: list[str] = field(default_factory=list)  # stop strings (need a tokenizer)
@@ -48,6 +58,9 @@ class SamplingParams:
         need(isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be a non-negative int, got {self.top_k!r}")
         need(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
         need(0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}")
+        need(self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        need(isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_new_tokens,
+             f"min_tokens must be an int in [0, max_new_tokens={self.max_new_tokens}], got {self.min_tokens!r}")
         need(self.logprobs is None or self.logprobs >= 0, f"logprobs must be None or ≥ 0, got {self.logprobs}")
 
     @property
@@ -60,10 +73,23 @@ class SamplingParams:
 
 
 class RowState:
-    """Per-sequence sampling state: parameters, random generator, counts of generated tokens."""
+    """Per-sequence sampling state: parameters, random generator, counts of generated tokens,
+    tokens seen (prompt + output, for repetition_penalty), the stop ids min_tokens masks.
 
-    def __init__(self, params: SamplingParams, vocab_size: int):
+    prompt: the prompt's token ids (repetition_penalty counts them as seen); stop_ids: the ids that
+    end this sequence (default: params.stop_token_ids, or none)."""
+
+    def __init__(self, params: SamplingParams, vocab_size: int, prompt: list[int] | None = None,
+                 stop_ids=None):
         self.params = params
+        self.generated = 0
+        self.seen = None  # bool [vocab]: tokens in prompt + output (repetition_penalty only)
+        if params.repetition_penalty != 1.0:
+            self.seen = torch.zeros(vocab_size, dtype=torch.bool)
+            if prompt:
+                self.seen[torch.tensor(list(prompt), dtype=torch.long)] = True
+        ids = params.stop_token_ids if stop_ids is None else stop_ids
+        self.stop_ids = torch.tensor(sorted(int(t) for t in (ids or []) if 0 <= int(t) < vocab_size), dtype=torch.long)
         self.generator = None
         if not params.greedy:
             self.generator = torch.Generator()
@@ -74,8 +100,16 @@ class RowState:
         self.counts = torch.zeros(vocab_size, dtype=torch.float32) if params.penalized else None
 
     def observe(self, token: int) -> None:
+        self.generated += 1
         if self.counts is not None:
             self.counts[token] += 1
+        if self.seen is not None:
+            self.seen[token] = True
+
+    @property
+    def masks_stops(self) -> bool:
+        """Are the stop ids still forbidden (fewer than min_tokens generated)?"""
+        return self.generated < self.params.min_tokens and len(self.stop_ids) > 0
 
 
 @dataclass
@@ -92,12 +126,7 @@ def sample(logits: torch.Tensor, rows: list[RowState]) -> Sampled:
     params = [r.params for r in rows]
     want_lp = [p.logprobs is not None for p in params]
     logp = torch.log_softmax(x, -1) if any(want_lp) else None
-    pen = [i for i, p in enumerate(params) if p.penalized]
-    if pen:
-        x = x.clone()
-        for i in pen:
-            c = rows[i].counts
-            x[i] -= params[i].frequency_penalty * c + params[i].presence_penalty * (c > 0).float()
+    x = adjusted_logits(x, rows)
     tokens = x.argmax(-1)  # greedy rows (and a placeholder for the others)
     hot = [i for i, p in enumerate(params) if not p.greedy]
     if hot:
@@ -117,6 +146,27 @@ def sample(logits: torch.Tensor, rows: list[RowState]) -> Sampled:
                 v, ix = logp[i].topk(p.logprobs)
                 tops[i] = list(zip(ix.tolist(), v.tolist()))
     return Sampled(out, lps, tops)
+
+
+def adjusted_logits(x: torch.Tensor, rows: list[RowState]) -> torch.Tensor:
+    """min_tokens, repetition, frequency and presence penalties (in that order) on float logits
+    x [n, vocab] → new logits [n, vocab] (x itself is not modified; returned as is when no row uses any)."""
+    params = [r.params for r in rows]
+    early = [i for i, r in enumerate(rows) if r.masks_stops]
+    rep = [i for i, r in enumerate(rows) if r.seen is not None]
+    pen = [i for i, p in enumerate(params) if p.penalized]
+    if not (early or rep or pen):
+        return x
+    x = x.clone()
+    for i in early:  # min_tokens: no stop token yet
+        x[i, rows[i].stop_ids] = float("-inf")
+    for i in rep:  # repetition penalty on the tokens seen in prompt + output
+        seen, p = rows[i].seen, params[i].repetition_penalty
+        x[i] = torch.where(seen, torch.where(x[i] > 0, x[i] / p, x[i] * p), x[i])
+    for i in pen:  # OpenAI's additive penalties, output tokens only
+        c = rows[i].counts
+        x[i] -= params[i].frequency_penalty * c + params[i].presence_penalty * (c > 0).float()
+    return x
 
 
 def _filtered_probs(x: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

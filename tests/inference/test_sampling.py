@@ -108,3 +108,96 @@ def test_text_stream_splits_utf8_and_holds_back_stop_prefixes():
     s = TextStream(tok, stop=["</s>"])
     s.push(0), s.push(3)
     assert s.finish() == "<"  # held-back text comes out at the end
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
+    from herd.inference.sampling import adjusted_logits
+
+    row = RowState(SamplingParams(repetition_penalty=2.0), V, prompt=[0, 6, 6])
+    row.observe(5)
+    # by hand: tokens 0, 5, 6 seen; 2.0/2, −0.5·2, −1.0·2; the others unchanged
+    want = torch.tensor([[1.0, 1.5, 1.0, 0.5, 0.0, -1.0, -2.0, -3.0]])
+    assert torch.equal(adjusted_logits(LOGITS, [row]), want)
+    assert sample(LOGITS, [row]).tokens == [1]  # the seen argmax lost its lead
+    # independent oracle: transformers' processor over prompt + output ids
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    x = torch.randn(1, 50, generator=torch.Generator().manual_seed(0))
+    seen = [3, 7, 7, 12, 40, 49]
+    row = RowState(SamplingParams(repetition_penalty=1.3), 50, prompt=seen[:4])
+    for t in seen[4:]:
+        row.observe(t)
+    ref = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([seen]), x.clone())
+    assert torch.allclose(adjusted_logits(x, [row]), ref, atol=1e-6)
+    # penalty < 1 encourages repetition; 1 leaves the logits as they are
+    assert sample(LOGITS, [RowState(SamplingParams(repetition_penalty=0.1), V, prompt=[3])]).tokens == [3]
+    assert adjusted_logits(LOGITS, [RowState(SamplingParams(), V, prompt=[0])]) is LOGITS
+
+
+def test_repetition_penalty_comes_before_frequency_and_presence():
+    from herd.inference.sampling import adjusted_logits
+
+    row = RowState(SamplingParams(repetition_penalty=4.0, frequency_penalty=0.25, presence_penalty=0.5), V,
+                   prompt=[1])
+    row.observe(0), row.observe(0)
+    # token 0: 2.0/4 − 2·0.25 − 0.5 = −0.5; token 1 (prompt only): 1.5/4 = 0.375
+    want = LOGITS.clone()
+    want[0, 0], want[0, 1] = -0.5, 0.375
+    assert torch.allclose(adjusted_logits(LOGITS, [row]), want)
+
+
+def test_min_tokens_masks_stop_tokens_until_reached():
+    row = RowState(SamplingParams(min_tokens=2, stop_token_ids=[0, 2]), V)
+    picked = []
+    for _ in range(3):
+        t = sample(LOGITS, [row]).tokens[0]
+        picked.append(t)
+        row.observe(t)
+    assert picked == [1, 1, 0]  # 0 and 2 are forbidden for the first two tokens
+    # sampled rows never draw a masked stop id; rows without min_tokens in the same batch are untouched
+    hot = RowState(SamplingParams(temperature=1.0, min_tokens=5, seed=0), V, stop_ids=[0, 1])
+    other = RowState(SamplingParams(), V)
+    draws = [sample(torch.cat([LOGITS, LOGITS]), [hot, other]).tokens for _ in range(300)]
+    assert all(d[0] not in (0, 1) for d in draws) and all(d[1] == 0 for d in draws)
+    # the engine's stop ids (the model's eos when stop_token_ids is None) are the ones masked
+    from herd.inference.sampling import adjusted_logits
+
+    eos_row = RowState(SamplingParams(min_tokens=1), V, stop_ids={7, 3, 99})  # 99: outside the vocab, ignored
+    x = adjusted_logits(LOGITS, [eos_row])
+    assert torch.isinf(x[0, [3, 7]]).all() and torch.isfinite(x[0, [0, 1, 2, 4, 5, 6]]).all()
+    eos_row.observe(5)
+    assert adjusted_logits(LOGITS, [eos_row]) is LOGITS
+
+
+def test_new_params_are_validated():
+    for bad in (dict(repetition_penalty=0), dict(repetition_penalty=-1.0), dict(min_tokens=-1),
+                dict(min_tokens=10, max_new_tokens=5), dict(min_tokens=1.5)):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)
+
+
+def test_engine_applies_min_tokens_and_repetition_penalty_to_prompt_tokens():
+    import herd
+    from herd.inference import generate
+    from tests.conftest import model_config
+
+    model = herd.build_model(model_config(), seed=1, dtype=torch.float32).eval()
+    prompt = list(range(10, 30))
+    first = generate(model, prompt, max_new_tokens=6, stop_token_ids=[])[0][0]
+    # the first greedy token made a stop token: alone it ends at once, with min_tokens=4 not before 5 tokens
+    assert generate(model, prompt, max_new_tokens=6, stop_token_ids=[first]) == [[first]]
+    held = generate(model, prompt, max_new_tokens=6, stop_token_ids=[first], min_tokens=4)[0]
+    assert len(held) >= 5 and first not in held[:4]
+    # repetition_penalty counts the prompt's tokens: the engine's first token is the argmax of the
+    # model's last logits after transformers' processor over the prompt
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    ids = torch.tensor([[first] + prompt])
+    with torch.no_grad():
+        last = model(ids)[:, -1].float()
+    for penalty in (1.0, 3.0, 1e4):
+        want = RepetitionPenaltyLogitsProcessor(penalty)(ids, last.clone()).argmax(-1).item()
+        got = generate(model, ids[0].tolist(), max_new_tokens=1, stop_token_ids=[], repetition_penalty=penalty)
+        assert got == [[want]], penalty
+    top = last.argmax().item()
+    assert top == first and want != top  # the prompt's token was the argmax; the penalty moved the pick
