@@ -8,7 +8,9 @@ next tokens, and (b) distilled (`herd train --teacher`), online teacher forwards
 the default gap-driven weight. Reported per run: validation loss (plain cross-entropy on the
 fixed validation set, the same for every run), held-out digit accuracy, and compute: the
 student's training FLOPs (6 · active params · tokens) and the teacher's forward FLOPs
-(2 · active params · tokens; the same teacher work an offline precompute does once).
+(2 · active params · tokens; the same teacher work an offline precompute does once). A third arm
+trains the student alone for as many more steps as the teacher's forwards cost (same total
+compute, the teacher's own pre-training not counted: it is paid once for all its students).
 
     python benchmarks/distillation.py [--steps 300] [--teacher-steps 600] [--seeds 0 1] [--jobs 4] [--out runs/bench_distill]
 Writes OUT/distillation.json, OUT/distillation.md (the table) and OUT/distillation.png; finished
@@ -54,7 +56,7 @@ def plot(results: dict, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    colors = {"alone": "#1f77b4", "distilled": "#d62728"}
+    colors = {"alone": "#1f77b4", "distilled": "#d62728", "alone_matched": "#7f7f7f"}
     for name, runs in results["runs"].items():
         for seed, rows in runs.items():
             va = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
@@ -106,11 +108,16 @@ def main() -> None:
                "train_tflop": flops(args.teacher_width, args.teacher_layers, tokens_per_step * args.teacher_steps, 6) / 1e12}
     print(f"teacher: val {teacher['val_loss']:.4f}, digits {teacher['digit_acc']}")
 
-    runs: dict = {"alone": {}, "distilled": {}}
+    student_tf = flops(None, None, tokens_per_step * args.steps, 6) / 1e12
+    teacher_fwd_tf = flops(args.teacher_width, args.teacher_layers, tokens_per_step * args.steps, 2) / 1e12
+    matched = round(args.steps * (student_tf + teacher_fwd_tf) / student_tf)  # alone, same total compute
+    runs: dict = {"alone": {}, "distilled": {}, "alone_matched": {}}
+    steps = {"alone": args.steps, "distilled": args.steps, "alone_matched": matched}
+    dirs = {"alone": "alone", "distilled": "distilled", "alone_matched": f"alone{matched}"}
     distill = dict(teacher=str(tdir), distill_weight=args.weight, distill_temperature=args.temperature,
                    teacher_topk=args.topk)
-    jobs = {(name, seed): (root / f"{name}_s{seed}", dict(max_steps=args.steps, seed=seed, **common,
-                                                          **(distill if name == "distilled" else {})))
+    jobs = {(name, seed): (root / f"{dirs[name]}_s{seed}", dict(max_steps=steps[name], seed=seed, **common,
+                                                                **(distill if name == "distilled" else {})))
             for seed in args.seeds for name in runs}
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pool.submit(one, out, assets, **kw): key for key, (out, kw) in jobs.items()}
@@ -120,19 +127,20 @@ def main() -> None:
             print(f"{name} seed {seed}: val {runs[name][seed][-1]['val_loss']:.4f}")
     runs = {name: dict(sorted(r.items())) for name, r in runs.items()}
 
-    student_tf = flops(None, None, tokens_per_step * args.steps, 6) / 1e12
-    teacher_fwd_tf = flops(args.teacher_width, args.teacher_layers, tokens_per_step * args.steps, 2) / 1e12
     table, summary = [], {}
+    labels = {"alone": "tiny alone", "distilled": "tiny distilled", "alone_matched": "tiny alone, same total compute"}
     for name, per_seed in runs.items():
         vals = [rows[-1]["val_loss"] for rows in per_seed.values()]
         accs = [rows[-1].get("digit_acc", float("nan")) for rows in per_seed.values()]
         extra = teacher_fwd_tf if name == "distilled" else 0.0
-        summary[name] = {"val_loss": vals, "digit_acc": accs, "student_tflop": student_tf, "teacher_tflop": extra}
-        table.append([f"tiny {name}", len(vals), f"{statistics.mean(vals):.4f}",
+        own = student_tf * steps[name] / args.steps
+        summary[name] = {"steps": steps[name], "val_loss": vals, "digit_acc": accs, "student_tflop": own,
+                         "teacher_tflop": extra}
+        table.append([labels[name], steps[name], len(vals), f"{statistics.mean(vals):.4f}",
                       " / ".join(f"{v:.4f}" for v in vals), f"{statistics.mean(accs):.3f}",
-                      " / ".join(f"{a:.3f}" for a in accs), f"{student_tf:.2f}", f"{extra:.2f}"])
-    header = ["run", "seeds", "val loss (mean)", "val loss per seed", "digit acc (mean)", "digit acc per seed",
-              "student TFLOP", "teacher fwd TFLOP"]
+                      " / ".join(f"{a:.3f}" for a in accs), f"{own:.2f}", f"{extra:.2f}"])
+    header = ["run", "student steps", "seeds", "val loss (mean)", "val loss per seed", "digit acc (mean)",
+              "digit acc per seed", "student TFLOP", "teacher fwd TFLOP"]
     md = markdown_table(header, table)
     md += (f"\n\nTeacher: tiny recipe at width {args.teacher_width}, {args.teacher_layers} layers "
            f"({teacher['params_active'] / 1e6:.1f}M active), {args.teacher_steps} steps "

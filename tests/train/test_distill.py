@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from herd.data.packing import Batch
 from herd.model.llama4 import build_model
 from herd.model.loss import linear_cross_entropy
-from herd.train.distill import (DenseTargets, DistillObjective, OfflineTargets, TopKTargets, WeightSchedule,
+from herd.train.distill import (DenseTargets, DistillObjective, OfflineTargets, WeightSchedule,
                                 linear_distill, teacher_forward, topk_targets)
 from tests.conftest import model_config
 
