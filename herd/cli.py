@@ -88,11 +88,13 @@ def _optional_subcommands():
     from herd.train.cli import add_posttrain_subcommands, add_train_subcommand
     from herd.train.midtrain import add_midtrain_subcommand
     from herd.train.rl.cli import add_rl_subcommand
+    from herd.speedrun import add_speedrun_subcommands
     from herd.usecases import add_usecase_subcommands
 
     return [add_tokenizer_subcommand, add_data_subcommand, add_train_subcommand, add_inference_subcommands,
             add_serve_subcommand, add_eval_subcommand, add_guard_subcommand,
-            add_midtrain_subcommand, add_posttrain_subcommands, add_rl_subcommand, add_usecase_subcommands]
+            add_midtrain_subcommand, add_posttrain_subcommands, add_rl_subcommand, add_usecase_subcommands,
+            add_speedrun_subcommands]
 
 
 def main(argv: list[str] | None = None) -> int:
