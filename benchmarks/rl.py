@@ -202,7 +202,8 @@ def main() -> None:
     ratio = lambda a, b: (runs[a]["samples_per_s"] / runs[b]["samples_per_s"]  # noqa: E731
                           if a in runs and b in runs and "error" not in runs[a] and "error" not in runs[b] else None)
     for label, a, b, goal in [("async ÷ sync samples/s", "async", "sync", 1.3),
-                              ("herd sync ÷ TRL samples/s", "sync", "trl", 5.0)]:
+                              ("herd sync (2 Ray workers) ÷ TRL samples/s", "sync", "trl", 5.0),
+                              ("herd in-process (pool) ÷ TRL samples/s", "pool", "trl", 5.0)]:
         v = ratio(a, b)
         md.append(f"- {label}: {v:.2f} (goal ≥ {goal})" if v else f"- {label}: n/a")
     (out / "rl.md").write_text("\n".join(md) + "\n")

@@ -130,8 +130,10 @@ def make_workers(cfg, n: int) -> list:
     import ray
 
     cpus = max(1.0, float(ray.available_resources().get("CPU", 1))) / (n + 1)  # learner gets a share too
-    return [cls.options(num_cpus=cpus).remote(cfg.init, cfg.max_new_tokens, cfg.temperature, cfg.seed, i)
-            for i in range(n)]
+    workers = [cls.options(num_cpus=cpus).remote(cfg.init, cfg.max_new_tokens, cfg.temperature, cfg.seed, i)
+               for i in range(n)]
+    ray.get([w.pid.remote() for w in workers])  # wait until each has loaded its model (not counted as training)
+    return workers
 
 
 def launch(cfg) -> dict:
