@@ -120,9 +120,7 @@ def _git_commit(root: Path) -> str:
 def environment() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
-    import herd
-
-    pkg = Path(herd.__file__).resolve().parent
+    pkg = Path(__file__).resolve().parent  # the herd package
     cpu, cores = platform.processor() or platform.machine(), os.cpu_count()
     try:
         info = Path("/proc/cpuinfo").read_text()
@@ -143,20 +141,11 @@ def environment() -> dict:
 
 # ----- running ------------------------------------------------------------------------------------------
 def available(argv: list[str]) -> bool:
-    """Whether `herd ARGV[0] [ARGV[1]]` names a subcommand of this herd."""
-    import argparse
-
-    from herd.cli import build_parser
-
-    parser, words = build_parser(), [a for a in argv[:2] if not a.startswith("-")]
-    for w in words:
-        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-        if not subs:
-            return True
-        if w not in subs[0].choices:
-            return False
-        parser = subs[0].choices[w]
-    return True
+    """Whether `herd ARGV[0] [ARGV[1]]` names a subcommand of this herd (asked of `herd … --help`
+    in a child process, so this module does not import the CLI that imports it)."""
+    words = [a for a in argv[:2] if not a.startswith("-")]
+    cmd = [sys.executable, "-m", "herd", *words, "--help"]
+    return subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
 
 
 def _load_state(out: Path) -> dict:
