@@ -475,7 +475,8 @@ def plot_rl(metrics_path: Path, png: Path, title: str = "") -> None:
         ax.set_xlabel("learner step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.suptitle(title or "herd rl")
     fig.tight_layout()
     fig.savefig(png)
