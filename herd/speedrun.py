@@ -180,8 +180,9 @@ def run_stage(stage: Stage, out: Path, state: dict, init: str | None) -> dict:
         f.flush()
         rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
     wall = round(time.perf_counter() - t0, 1) + state.get("wall_s", 0.0)  # an interrupted stage's earlier time
-    return {"status": "done" if rc == 0 else "failed", "rc": rc, "wall_s": round(wall, 1),
-            "cmd": " ".join(cmd[2:] if not stage.module else cmd[1:]), "log": str(log.relative_to(out))}
+    shown = ["python", *cmd[1:]] if stage.module else ["herd", *cmd[3:]]
+    return {"status": "done" if rc == 0 else "failed", "rc": rc, "wall_s": round(wall, 1), "cmd": " ".join(shown),
+            "log": str(log.relative_to(out))}
 
 
 def speedrun(out: str | Path, quick: bool = False, progress: bool = True) -> dict:

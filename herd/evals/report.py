@@ -10,6 +10,8 @@ Layout of report.md (nanochat's report card, BASE | MID | SFT | RL columns, plus
     stages     one column per model stage, one row per capability; each cell read from files the
                stages and evaluations already wrote:
                  validation loss          OUT/STAGE/summary.json (or the last metrics.jsonl row)
+                 RL eval/accuracy, DPO    the same files, under TRL's metric names
+                 rewards/accuracies
                  cloze / arithmetic /     OUT/STAGE/lm_eval/**/results_*.json (lm-eval with herd's
                  needle / bits per byte   offline tasks, herd/evals/tasks)
                  RULER effective length   OUT/STAGE/ruler/summary.json (absolute 85.6 threshold)
@@ -75,6 +77,17 @@ def val_loss(d: Path):
     return None
 
 
+def last_value(d: Path, *keys: str):
+    """The first of `keys` in summary.json, else in the newest metrics.jsonl row that has it."""
+    s = _json(d / "summary.json") or {}
+    rows = [s, *reversed(_rows(d / "metrics.jsonl"))]
+    for k in keys:
+        for row in rows:
+            if isinstance(row.get(k), (int, float)):
+                return float(row[k])
+    return None
+
+
 def lm_eval_results(d: Path) -> dict:
     """{task: {metric: value}} from the newest lm-eval results file under d/lm_eval."""
     files = sorted((d / "lm_eval").rglob("results_*.json")) if (d / "lm_eval").is_dir() else []
@@ -96,6 +109,9 @@ def ruler_length(d: Path):
 
 ROWS = [  # (row label, reader(stage dir, lm-eval results) → value or None, format)
     ("validation loss", lambda d, r: val_loss(d), "{:.3f}"),
+    ("RL held-out accuracy (eval/accuracy)", lambda d, r: last_value(d, "eval/accuracy"), "{:.2f}"),
+    ("DPO preference accuracy (rewards/accuracies)",
+     lambda d, r: last_value(d, "eval_rewards/accuracies", "rewards/accuracies"), "{:.2f}"),
     ("held-out cloze, Shakespeare (acc)", lambda d, r: _metric(r, "herd_cloze_shakespeare", "acc"), "{:.2f}"),
     ("held-out cloze, KJV (acc)", lambda d, r: _metric(r, "herd_cloze_kjv", "acc"), "{:.2f}"),
     ("held-out text, bits per byte", lambda d, r: _metric(r, "herd_ppl", "bits_per_byte"), "{:.3f}"),
