@@ -31,7 +31,8 @@ loglikelihood_rolling scores the string's own tokens after a BOS prefix. (lm-eva
 with a BOS-adding tokenizer also scores P(BOS | BOS) as the first token of every document, a
 constant offset that herd leaves out; with add_bos_token=False the two agree.)
 Parity tests (tests/evals/test_lm_eval_adapter.py): the same requests through lm-eval's HF
-backend on the transformers model of the same directory agree to 1e-4.
+backend on the transformers model of the same directory agree to 1e-4, and so do lm-eval's
+`local-completions` answers from `herd serve` (echo + logprobs; tests/evals/test_lm_eval_serve.py).
 """
 
 from __future__ import annotations
