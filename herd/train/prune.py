@@ -155,12 +155,13 @@ def plot_difficulty(scores: list[dict], keep: list[bool], png: Path) -> None:
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), dpi=100, squeeze=False)
     for ax, task in zip(axes.flat, tasks):
         idx = [i for i, s in enumerate(scores) if s["task"] == task]
-        verified = any(scores[i]["pass_rate"] is not None for i in idx)
+        verified = [i for i in idx if scores[i]["pass_rate"] is not None]
+        shown = verified or idx  # a task mixing verifiable and free items (code_qa): its pass rates
         val = (lambda i: scores[i]["pass_rate"]) if verified else (lambda i: scores[i]["loss"])
-        kept = [val(i) for i in idx if keep[i]]
-        dropped = [val(i) for i in idx if not keep[i]]
+        kept = [val(i) for i in shown if keep[i]]
+        dropped = [val(i) for i in shown if not keep[i]]
         ax.hist([kept, dropped], bins=12, stacked=True, color=["#1f77b4", "#bbbbbb"], label=["kept", "dropped"])
-        ax.set_title(task, fontsize=9)
+        ax.set_title(task if len(shown) == len(idx) else f"{task} ({len(shown)} of {len(idx)} verifiable)", fontsize=9)
         ax.set_xlabel("pass rate (pass@k)" if verified else "reference loss (nats/token)", fontsize=8)
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(tasks):]:

@@ -215,6 +215,17 @@ def test_pruning_drops_the_easiest_by_the_score_it_reports(chat_model, tmp_path)
     assert len(kept) == 5 and (tmp_path / "run" / "prune" / "difficulty.png").stat().st_size > 5000
 
 
+def test_difficulty_plot_of_a_task_mixing_verifiable_and_free_items(tmp_path):
+    """code_qa has verifiable items (pass rate) and free ones (None): the histogram shows the pass rates."""
+    from herd.train.prune import plot_difficulty
+
+    scores = [{"id": f"m{i}", "task": "mixed", "pass_rate": p, "loss": 1.0 + i}
+              for i, p in enumerate([1.0, 0.5, None, 0.0, None])]
+    scores += [{"id": "f0", "task": "free", "pass_rate": None, "loss": 2.0}]
+    plot_difficulty(scores, [True, False, True, True, False, True], tmp_path / "d.png")
+    assert (tmp_path / "d.png").stat().st_size > 5000
+
+
 def test_cli_bad_data_is_one_line_exit_2(chat_model, tmp_path, capsys):
     from herd.cli import main
 
