@@ -24,6 +24,11 @@ from dataclasses import dataclass, field
 import torch
 
 
+# Bounds on repetition_penalty: a logit divided by 1e-300 or multiplied by 1e300 overflows to ±inf
+# (NaN probabilities); 1.0–1.3 is the useful range (CTRL used 1.2).
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
+
+
 @dataclass
 class SamplingParams:
     """How one sequence is generated. temperature 0 = greedy (argmax)."""
@@ -58,7 +63,8 @@ class SamplingParams:
         need(isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be a non-negative int, got {self.top_k!r}")
         need(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
         need(0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}")
-        need(self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        need(REPETITION_PENALTY_RANGE[0] <= self.repetition_penalty <= REPETITION_PENALTY_RANGE[1],
+             f"repetition_penalty must be in {list(REPETITION_PENALTY_RANGE)}, got {self.repetition_penalty}")
         need(isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_new_tokens,
              f"min_tokens must be an int in [0, max_new_tokens={self.max_new_tokens}], got {self.min_tokens!r}")
         need(self.logprobs is None or self.logprobs >= 0, f"logprobs must be None or ≥ 0, got {self.logprobs}")
@@ -183,7 +189,8 @@ def _filtered_probs(x: torch.Tensor, params: list[SamplingParams]) -> torch.Tens
         sx, order = x.sort(-1, descending=True)
         sp = torch.softmax(sx, -1)
         before = sp.cumsum(-1) - sp  # mass of the tokens ranked above
-        drop = before >= top_p[:, None]  # never drops the first token
+        drop = before >= top_p[:, None]
+        drop[:, 0] = False  # never the first token (top_p below float32's smallest number rounds to 0)
         x = x.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     if any(p.min_p > 0 for p in params):
         min_p = torch.tensor([p.min_p for p in params], dtype=x.dtype)

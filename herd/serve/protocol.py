@@ -106,13 +106,16 @@ class _Sampling(OpenAIModel):
 
     def sampling_params(self, *, max_new_tokens: int, eos_ids: list[int], seed_offset: int = 0,
                         logprobs: int | None = None):
-        from herd.inference.sampling import SamplingParams
+        from herd.inference.sampling import REPETITION_PENALTY_RANGE, SamplingParams
 
-        if self.repetition_penalty not in (None, 1.0):
-            raise BadRequest("repetition_penalty is not supported by herd's sampler (use frequency_penalty / "
-                             "presence_penalty)", param="repetition_penalty")
-        if self.min_tokens:
-            raise BadRequest("min_tokens is not supported by herd's sampler yet", param="min_tokens")
+        lo, hi = REPETITION_PENALTY_RANGE
+        if self.repetition_penalty is not None and not lo <= self.repetition_penalty <= hi:
+            raise BadRequest(f"repetition_penalty must be in [{lo}, {hi}], got {self.repetition_penalty}",
+                             param="repetition_penalty")
+        min_tokens = self.min_tokens or 0
+        if min_tokens > max_new_tokens:
+            raise BadRequest(f"min_tokens ({min_tokens}) must not exceed the maximum number of new tokens "
+                             f"({max_new_tokens})", param="min_tokens")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         stop_ids = [] if self.ignore_eos else list(eos_ids)
         stop_ids += [t for t in (self.stop_token_ids or []) if t not in stop_ids]
@@ -123,6 +126,8 @@ class _Sampling(OpenAIModel):
                 max_new_tokens=max_new_tokens, temperature=temperature, top_k=self.top_k or 0,
                 top_p=1.0 if self.top_p is None else self.top_p, min_p=self.min_p or 0.0,
                 frequency_penalty=self.frequency_penalty or 0.0, presence_penalty=self.presence_penalty or 0.0,
+                repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+                min_tokens=min_tokens,
                 seed=seed, stop_token_ids=stop_ids, stop=[s for s in stop if s], logprobs=logprobs)
         except ValueError as e:
             raise BadRequest(str(e)) from None

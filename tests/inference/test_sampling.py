@@ -21,7 +21,7 @@ def _draws(params: SamplingParams, n: int = 3000, logits=LOGITS) -> torch.Tensor
 
 def test_greedy_and_degenerate_filters_pick_the_argmax():
     assert sample(LOGITS, [RowState(SamplingParams(), V)]).tokens == [0]
-    for p in (dict(top_k=1), dict(top_p=1e-6), dict(min_p=1.0)):
+    for p in (dict(top_k=1), dict(top_p=1e-6), dict(top_p=5e-324), dict(min_p=1.0)):
         assert set(_draws(SamplingParams(temperature=1.0, seed=0, **p), 200).tolist()) == {0}
 
 
@@ -170,7 +170,8 @@ def test_min_tokens_masks_stop_tokens_until_reached():
 
 
 def test_new_params_are_validated():
-    for bad in (dict(repetition_penalty=0), dict(repetition_penalty=-1.0), dict(min_tokens=-1),
+    for bad in (dict(repetition_penalty=0), dict(repetition_penalty=-1.0), dict(repetition_penalty=5e-324),
+                dict(repetition_penalty=1e6), dict(min_tokens=-1),
                 dict(min_tokens=10, max_new_tokens=5), dict(min_tokens=1.5)):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
@@ -195,7 +196,7 @@ def test_engine_applies_min_tokens_and_repetition_penalty_to_prompt_tokens():
     ids = torch.tensor([[first] + prompt])
     with torch.no_grad():
         last = model(ids)[:, -1].float()
-    for penalty in (1.0, 3.0, 1e4):
+    for penalty in (1.0, 3.0, 100.0):
         want = RepetitionPenaltyLogitsProcessor(penalty)(ids, last.clone()).argmax(-1).item()
         got = generate(model, ids[0].tolist(), max_new_tokens=1, stop_token_ids=[], repetition_penalty=penalty)
         assert got == [[want]], penalty

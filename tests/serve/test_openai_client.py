@@ -173,6 +173,26 @@ def test_completions_with_token_ids_echo_and_generation(client, tiny):
     assert r.choices[0].text == tok.decode(ids) + plain.choices[0].text
 
 
+def test_min_tokens_and_repetition_penalty_reach_the_sampler(client, tiny):
+    from herd.inference import generate
+
+    model, tok = tiny
+    ids = tok.encode("Hello world", bos=True)
+    first = generate(model, ids, max_new_tokens=1, stop_token_ids=[])[0][0]
+
+    def served(**extra):
+        r = client.completions.create(model="tiny", prompt=ids, max_tokens=6, temperature=0,
+                                      extra_body={"ignore_eos": True, **extra})
+        return r.choices[0].text, r.usage.completion_tokens
+
+    assert served(stop_token_ids=[first])[1] == 1  # the first token stops the reply…
+    held = generate(model, ids, max_new_tokens=6, stop_token_ids=[first], min_tokens=3)[0]
+    assert len(held) >= 4 and served(stop_token_ids=[first], min_tokens=3)[1] == len(held)  # …not before 3 more
+    for penalty in (1.0, 5.0):
+        want = generate(model, ids, max_new_tokens=6, stop_token_ids=[], repetition_penalty=penalty)[0]
+        assert served(repetition_penalty=penalty) == (tok.decode(want), 6), penalty
+
+
 def test_completions_stream_and_batch_prompts(client):
     chunks = list(client.completions.create(model="tiny", prompt=["Hello", "world"], max_tokens=3, stream=True,
                                             stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
@@ -213,7 +233,9 @@ def test_unknown_model_is_404(client):
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
     ({"messages": USER, "n": 0}, "n"),
-    ({"messages": USER, "repetition_penalty": 1.3}, "repetition_penalty"),
+    ({"messages": USER, "repetition_penalty": 0}, "repetition_penalty"),
+    ({"messages": USER, "max_tokens": 3, "min_tokens": 4}, "min_tokens"),
+    ({"messages": USER, "repetition_penalty": 1e-300}, "repetition_penalty"),
     ({"messages": USER, "tool_choice": "required"}, "tool_choice"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/a.png"}}]}]},
      "messages"),
