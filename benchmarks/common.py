@@ -62,6 +62,41 @@ def machine() -> str:
     return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
+def cpu_model() -> str:
+    """The CPU's model name (lscpu's "Model name", else /proc/cpuinfo's "model name")."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.strip().startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def read_bandwidth(gib: float = 1.0, threads: int = 2, repeat: int = 5) -> float:
+    """The box's memory read bandwidth in GB/s: a float32 `sum` over `gib` GiB (far larger than
+    any cache) on `threads` threads, best of `repeat`. The yardstick that decode at batch 1 — a
+    stream of weights read once per token — is bounded by (issue 19): kernels and whole decode
+    steps are reported as a fraction of it, so figures from different CPUs compare."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = torch.ones(int(gib * 2**30) // 4)
+        best = bench(lambda: x.sum(), warmup=1, repeat=repeat)
+        return x.numel() * 4 / best / 1e9
+    finally:
+        torch.set_num_threads(before)
+
+
 def quiet_transformers():
     import transformers
 

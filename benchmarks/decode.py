@@ -23,6 +23,16 @@ this machine, alternating with herd round by round.
     python benchmarks/decode.py --quick         # a small model and short runs: checks the script works
     python benchmarks/decode.py --int4 --kv int8 --no-transformers
     python benchmarks/decode.py --int4 --int8-act --compile   # + int8 activations, + the compiled step
+    python benchmarks/decode.py --profile       # only: a per-op profile of one bf16 batch-1 decode step
+
+The yardstick (issue 19): the CPU model and the box's read bandwidth (float32 sum over 1 GiB, the
+benchmark's threads, best of 5) are printed first; each batch-1 decode rate is also given as the
+weight stream it implies — tok/s × the weight bytes one token reads (the active weights without
+the embedding table, of which one row is read: bf16 2 bytes, int8 1 + its per-row scale, int4
+½ + a scale and a zero per group of 64) — and that stream as a fraction of the read bandwidth,
+the bound batch-1 decode can reach. --profile prints torch.profiler's top ops by self CPU time
+over one bf16 batch-1 step (averaged over --profile-steps steps), with the share spent in the
+matrix-vector products and the share outside them.
 
 Batch-1 decode runs herd.inference.single (the hoisted one-token step); the row "(general path)"
 is the same model through the general forward, measured in the same run. The row "as loaded via
@@ -39,7 +49,8 @@ import tempfile
 import time
 
 import torch
-from common import load_average, machine, markdown_table, quiet_transformers, setup_threads
+from common import (cpu_model, load_average, machine, markdown_table, quiet_transformers, read_bandwidth,
+                    setup_threads)
 
 import herd
 from herd.config import ModelConfig, TextConfig
@@ -79,6 +90,51 @@ def herd_prefill(model, ids: torch.Tensor, repeat: int, chunk: int | None) -> fl
                 forward_step(model, ids[:, a:a + step], cache.select(0, 1))
             best = min(best, time.perf_counter() - t)
     return T / best
+
+
+def bytes_per_token(cfg: ModelConfig, bits: int | None, group_size: int = 64) -> float:
+    """Weight bytes one batch-1 decode step reads: the active weights without the embedding table
+    (one of its rows is read) at `bits` (None: bf16) — int8 adds a bf16 scale per output row,
+    int4 a bf16 scale and zero per group."""
+    tc = cfg.text
+    active = herd.count_params(cfg)["active"] - tc.vocab_size * tc.hidden_size
+    if bits is None:
+        return active * 2.0
+    if bits == 8:
+        return active * (1 + 2 / tc.hidden_size)  # one scale per row of ~hidden_size inputs
+    return active * (0.5 + 4 / group_size)
+
+
+# names of the ops that are the matrix-vector (or matrix) products of a step, for --profile
+PRODUCT_OPS = ("gemv", "aten::mv", "aten::mm", "aten::addmm", "aten::linear", "aten::matmul", "aten::bmm",
+               "_weight_int8pack_mm", "_weight_int4pack_mm", "linear_dynamic")
+
+
+def profile_step(model, prompt: list[int], steps: int, kv=None, rows: int = 25) -> None:
+    """Print torch.profiler's per-op table (self CPU time) over `steps` batch-1 decode steps of
+    herd.Engine (greedy, as herd_decode), and how the time splits between products and the rest."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = Engine(model, max_batch=1, capacity=len(prompt) + steps + 16, prefill_chunk=512, kv_dtype=kv)
+    engine.add(prompt, SamplingParams(max_new_tokens=steps + 8, stop_token_ids=[]))
+    while engine.prefilling is not None or engine.waiting or not engine.active:
+        engine.step()  # prefill (and the first token)
+    for _ in range(5):
+        engine.step()  # warm-up decode steps
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        wall = (time.perf_counter() - t) * 1e6  # µs
+    events = prof.key_averages()
+    # self CPU time: the op's own wall time on the calling thread (its intra-op threads included),
+    # without its children; the rest of the step's wall time is Python and the engine outside ops
+    in_ops = sum(e.self_cpu_time_total for e in events)
+    products = sum(e.self_cpu_time_total for e in events if any(p in e.key for p in PRODUCT_OPS))
+    print(events.table(sort_by="self_cpu_time_total", row_limit=rows))
+    print(f"per step: {wall / steps / 1e3:.2f} ms wall (profiler on: slower than unprofiled) = matrix products "
+          f"{products / wall:.0%} + other ops {(in_ops - products) / wall:.0%} + outside ops (Python, engine, "
+          f"profiler) {max(0.0, 1 - in_ops / wall):.0%}")
 
 
 def median(xs: list[float]) -> float:
@@ -169,6 +225,9 @@ def main() -> None:
     ap.add_argument("--no-public", action="store_true",
                     help="skip the row of the model as herd.load_model returns it, run by herd.generate_stream")
     ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--profile", action="store_true",
+                    help="only print a per-op profile of one bf16 batch-1 decode step (torch.profiler)")
+    ap.add_argument("--profile-steps", type=int, default=20, help="decode steps averaged by --profile")
     args = ap.parse_args()
     if args.quick:
         args.prompt, args.new, args.batches, args.repeat, args.batch_prompt, args.rounds = 64, 16, [4], 1, 32, 1
@@ -176,6 +235,17 @@ def main() -> None:
     kv = None if args.kv == "auto" else args.kv
     print(f"# decode benchmark — {machine()}; load average at start {load_average().split()[0]}")
     cfg = model_config(args.quick)
+    if args.profile:
+        model = optimize_for_inference(herd.build_model(cfg, dtype=torch.bfloat16, seed=0).eval())
+        prompt = torch.randint(2, cfg.text.vocab_size, (args.prompt,), generator=torch.Generator().manual_seed(0))
+        print(f"CPU: {cpu_model()}; profile of bf16 batch-1 decode after a {args.prompt}-token prompt, "
+              f"{args.profile_steps} steps")
+        profile_step(model, prompt.tolist(), args.profile_steps, kv)
+        return
+    bw_gib = 0.25 if args.quick else 1.0
+    bw = read_bandwidth(bw_gib, threads=torch.get_num_threads())
+    print(f"CPU: {cpu_model()}; read bandwidth {bw:.1f} GB/s ({torch.get_num_threads()} threads, float32 sum "
+          f"over {bw_gib} GiB, best of 5)")
     t = time.perf_counter()
     base = herd.build_model(cfg, dtype=torch.bfloat16, seed=0).eval()
     counts = herd.count_params(cfg)
@@ -226,9 +296,13 @@ def main() -> None:
                 dec[PUBLIC].append(public_decode(public, ids[0].tolist(), args.new, kv))
         print(f"round {r + 1}: " + ", ".join(f"{n} {dec[n][-1]:.1f}" + (f" (general {gen[n][-1]:.1f})" if gen[n] else "")
                                            for n in dec) + f" tok/s (load {load_average().split()[0]})", flush=True)
-    rows = []
+    rows, stream = [], []
+    bits_of = {name: bits for name, bits, _ in variants}
     for name in dec:
         d = median(dec[name])
+        per_tok = bytes_per_token(cfg, bits_of.get(name, None))
+        stream.append([f"herd {name}", f"{d:.1f}", f"{per_tok / 1e6:.0f}", f"{d * per_tok / 1e9:.1f}",
+                       f"{d * per_tok / 1e9 / bw:.0%}"])
         if name == PUBLIC:
             rows.append([f"herd {name} (herd.load_model + herd.generate)", "–", f"{d:.1f}"]
                         + ["–"] * len(args.batches) + ([f"– / {d / hf[1]:.1f}×"] if hf else []))
@@ -262,6 +336,11 @@ def main() -> None:
                 + ([""] if hf else []))
     print()
     print(markdown_table(header, rows))
+    print()
+    print(f"batch-1 decode as a weight stream (read bandwidth {bw:.1f} GB/s, {cpu_model()})"
+          + (" — --quick: the small model sits in cache, fractions above 100% mean nothing:" if args.quick else ":"))
+    print(markdown_table(["engine", "decode B=1 (tok/s)", "weight MB per token", "GB/s streamed",
+                          "of read bandwidth"], stream))
     print(f"\nload average at end {load_average().split()[0]} (other processes on the machine make every number lower)")
 
 

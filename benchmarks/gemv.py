@@ -7,6 +7,11 @@ GB/s of weight streamed; the peers are torch's kernels for the same product, mea
 the same run (median of --repeat turns). Also the single-query attention of the decode step
 (herd's native kernel vs torch's flash attention for CPU) over a 512-token cache.
 
+The yardstick (issue 19): the CPU model and the box's read bandwidth (a float32 sum over --bw-gib
+GiB on the same threads, best of 5) are printed first, and every kernel's rate also as a fraction
+of that bandwidth — the bound a matrix-vector product can reach — so a figure from one CPU kind
+means something on another.
+
     python benchmarks/gemv.py
     python benchmarks/gemv.py --threads 1 --gib 0.5
 """
@@ -18,7 +23,7 @@ import statistics
 import time
 
 import torch
-from common import load_average, machine, markdown_table
+from common import cpu_model, load_average, machine, markdown_table, read_bandwidth
 
 from herd.inference import native
 from herd.inference.quant import quantize_int8
@@ -36,12 +41,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--gib", type=float, default=1.0, help="size of each weight matrix in GiB")
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--bw-gib", type=float, default=1.0, help="GiB summed to measure the read bandwidth")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if not native.available():
         raise SystemExit(f"herd's native kernels are not available: {native.why_unavailable()}")
     print(f"# matrix-vector products, {args.gib} GiB weights — {machine()}; "
           f"load average {load_average().split()[0]}")
+    bw = read_bandwidth(args.bw_gib, threads=args.threads)
+    print(f"CPU: {cpu_model()}; read bandwidth {bw:.1f} GB/s ({args.threads} threads, float32 sum over "
+          f"{args.bw_gib} GiB, best of 5)")
     K = 1024
     n8 = int(args.gib * 2**30) // K  # rows of an int8 matrix of that size
     g = torch.Generator().manual_seed(0)
@@ -71,9 +80,9 @@ def main() -> None:
     rows = []
     for name, (_, _, peer) in cases.items():
         r = statistics.median(rates[name])
-        rows.append([name, f"{r:.1f}", f"{min(rates[name]):.1f}–{max(rates[name]):.1f}",
+        rows.append([name, f"{r:.1f}", f"{r / bw:.0%}", f"{min(rates[name]):.1f}–{max(rates[name]):.1f}",
                      f"{r / statistics.median(rates[peer]):.2f}× {peer}" if peer else "peer"])
-    print(markdown_table(["kernel", "GB/s (median)", "range", "vs"], rows))
+    print(markdown_table(["kernel", "GB/s (median)", "of read bandwidth", "range", "vs"], rows))
 
     # attention of one query position over a 512-token cache (the benchmark model's heads)
     h, kv, D, S = 8, 2, 128, 512
