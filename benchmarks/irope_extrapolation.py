@@ -151,7 +151,7 @@ def summarise(results: dict, args) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict, args, path: Path) -> None:
+def plot(results: dict, args, path: Path, ylabel: str = "string_match_all (0–100)") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -182,7 +182,7 @@ def plot(results: dict, args, path: Path) -> None:
         ax.set_title(task)
         ax.set_ylim(-5, 105)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("string_match_all (0–100)")
+    axes[0].set_ylabel(ylabel)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -312,7 +312,7 @@ def passkey_main(args) -> int:
     args.seeds = sorted({int(k.split("/")[1]) for k in results})
     table = summarise(results, args)
     (out / "table.md").write_text(table + "\n")
-    plot(results, args, out / "irope_passkey.png")
+    plot(results, args, out / "irope_passkey.png", ylabel="4-digit exact match (0–100)")
     print(table)
     return 0
 
