@@ -32,6 +32,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from common import cpu_model  # benchmarks/common.py: lscpu, else /proc/cpuinfo
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -45,18 +47,6 @@ def make_train_args() -> list[str]:
         i = args.index("--out")
         del args[i:i + 2]
     return args
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def rows_of(run_dir: Path) -> list[dict]:
@@ -108,7 +98,7 @@ def summarise(run_dirs: list[Path], floor: float) -> dict:
                 "min": min(xs), "max": max(xs), "n": len(xs)}
 
     acc = [r["digit_acc"] for r in runs if r["digit_acc"] is not None]
-    return {"machine": cpu_name(), "runs": runs, "val_loss": stats("val_loss"), "digit_acc": stats("digit_acc"),
+    return {"machine": cpu_model(), "runs": runs, "val_loss": stats("val_loss"), "digit_acc": stats("digit_acc"),
             "floor": floor, "above_floor": sum(a >= floor for a in acc), "n_runs": len(runs)}
 
 
