@@ -114,6 +114,9 @@ def parse_curriculum(text: str) -> list[tuple[int, float]]:
 
 
 # ----- data ---------------------------------------------------------------------------------------
+SAMPLE_ATTEMPTS = 8  # draws per long row before a generator error is final
+
+
 def long_document(tokenizer, sample: dict, length: int) -> list[int]:
     """`<bos> input answer_prefix answer <eos>` ids (≤ length + 1 after truncation)."""
     ids = tokenizer.encode(sample["input"] + sample["answer_prefix"], bos=True)
@@ -157,8 +160,18 @@ class MixedSource:
             task = row.choice(self.tasks)
             hay = row.choice(PROSE_SOURCES) if TASKS[task].haystack == "prose" else None
             budget = self.length + TASKS[task].tokens_to_generate - ANSWER_BUDGET
-            s = make_sample(self.tok, task, budget, seed=self.seed, index=row.getrandbits(32),
-                            depth=row.choice(DEPTHS_40), haystack=hay)
+            depth = row.choice(DEPTHS_40)
+            # Some draws have no valid sample at this length (file_defines: no name defined exactly once
+            # in the files that fit); the template itself was checked at start-up, so draw again — from
+            # the row's own generator, so the stream stays deterministic.
+            for attempt in range(SAMPLE_ATTEMPTS):
+                try:
+                    s = make_sample(self.tok, task, budget, seed=self.seed, index=row.getrandbits(32),
+                                    depth=depth, haystack=hay)
+                    break
+                except ValueError:
+                    if attempt == SAMPLE_ATTEMPTS - 1:
+                        raise
             doc = torch.tensor(long_document(self.tok, s, self.length))
             ids[k, : len(doc)] = doc
             labels[k, : len(doc) - 1] = doc[1:]

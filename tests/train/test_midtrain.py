@@ -142,3 +142,31 @@ def test_cli_bad_input_is_one_clear_error(init_dir, tmp_path, capsys):
                "--curriculum", "128:1", "--max-docs", "5", "--data-cache", str(tmp_path / "c"), "--no-progress"])
     assert rc == 2 and "too short for vt" in capsys.readouterr().err
     assert not (tmp_path / "o2" / "checkpoints").exists()
+
+
+def test_a_draw_without_a_valid_sample_is_drawn_again_deterministically(init_dir, monkeypatch):
+    """file_defines can find no name defined exactly once in the files that fit a length: the row draws
+    again from its own generator (same stream every run), and a generator that never succeeds still fails."""
+    import herd.data.longctx as longctx
+
+    tok = herd.load_tokenizer(init_dir)
+    real = longctx.make_sample
+    calls = []
+
+    def flaky(tokenizer, task, length, *, index, **kw):
+        calls.append(index)
+        if index % 2:  # every odd draw has "no valid sample"
+            raise ValueError("length too short for file_defines: no uniquely defined name in the context")
+        return real(tokenizer, task, length, index=index, **kw)
+
+    monkeypatch.setattr(longctx, "make_sample", flaky)
+    rows = [next(MixedSource(tok, 256, 4, 1.0, ["niah_single_1"], 0, None, tok.eos_id, "len256")).input_ids
+            for _ in range(2)]
+    assert torch.equal(rows[0], rows[1]) and any(i % 2 for i in calls)  # retried, and the same both times
+
+    def never(*a, **kw):
+        raise ValueError("no valid sample")
+
+    monkeypatch.setattr(longctx, "make_sample", never)
+    with pytest.raises(ValueError, match="no valid sample"):
+        next(MixedSource(tok, 256, 4, 1.0, ["niah_single_1"], 0, None, tok.eos_id, "len256"))
