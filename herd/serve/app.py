@@ -497,8 +497,7 @@ def create_app(settings: Settings | None = None, engine=None) -> FastAPI:
             choices = [{"index": i, "message": {"role": "assistant", "content": text, "refusal": text},
                         "logprobs": None, "finish_reason": "content_filter"} for i in range(n)]
             return {"id": rid, "object": "chat.completion", "created": created, "model": settings.model_name,
-                    "choices": choices, "usage": {"prompt_tokens": prompt_len, "completion_tokens": 0,
-                                                  "total_tokens": prompt_len}, "guard": guard}
+                    "choices": choices, "usage": _usage_counts(prompt_len, 0), "guard": guard}
 
         def events():
             base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": settings.model_name}
@@ -507,8 +506,7 @@ def create_app(settings: Settings | None = None, engine=None) -> FastAPI:
                                                  "logprobs": None, "finish_reason": "content_filter"}],
                             "guard": guard})
             if include_usage:
-                yield _sse({**base, "choices": [], "usage": {"prompt_tokens": prompt_len, "completion_tokens": 0,
-                                                             "total_tokens": prompt_len}})
+                yield _sse({**base, "choices": [], "usage": _usage_counts(prompt_len, 0)})
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -619,9 +617,14 @@ def _output_verdict(ctx: _ChatCtx, text: str):
     return v if v.decision == "block" else None
 
 
+def _usage_counts(prompt_tokens: int, completion_tokens: int) -> dict:
+    """OpenAI's `usage` object."""
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
 def _usage(prompt_len: int, choices) -> dict:
-    done = sum(len(c.tokens) for c in choices)
-    return {"prompt_tokens": prompt_len, "completion_tokens": done, "total_tokens": prompt_len + done}
+    return _usage_counts(prompt_len, sum(len(c.tokens) for c in choices))
 
 
 async def _collect(handle, choices, request: Request | None):
@@ -844,8 +847,7 @@ async def _completion_full(ctx: _CmplCtx, request: Request):
             out.append({"index": p_idx * ctx.n + ch.index, "text": echo_text + ch.text, "logprobs": lps,
                         "finish_reason": _finish(ch.finish_reason)})
     return {"id": ctx.rid, "object": "text_completion", "created": ctx.created, "model": s.settings.model_name,
-            "choices": out, "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                                      "total_tokens": prompt_tokens + completion_tokens}}
+            "choices": out, "usage": _usage_counts(prompt_tokens, completion_tokens)}
 
 
 async def _completion_stream(ctx: _CmplCtx):
@@ -880,9 +882,7 @@ async def _completion_stream(ctx: _CmplCtx):
                                 _finish(ev.finish_reason) if ev.finish_reason else None, lps)
         finished = True
         if include_usage:
-            yield _sse({**base, "choices": [], "usage": {"prompt_tokens": prompt_tokens,
-                                                         "completion_tokens": completion_tokens,
-                                                         "total_tokens": prompt_tokens + completion_tokens}})
+            yield _sse({**base, "choices": [], "usage": _usage_counts(prompt_tokens, completion_tokens)})
         yield "data: [DONE]\n\n"
     except APIError as e:
         finished = True
