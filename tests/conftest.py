@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import warnings
 
+import pytest
 import torch
 
 from herd.config import ModelConfig, TextConfig, VisionConfig
@@ -65,3 +66,12 @@ def transformers_logits(hf, input_ids, pixel_values=None, image_token_index=None
     emb = hf.language_model.model.embed_tokens(input_ids)
     emb = emb.masked_scatter((input_ids == image_token_index)[..., None], proj)
     return hf.language_model(inputs_embeds=emb).logits
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test, then back (suites that start servers, engines or lm-eval)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

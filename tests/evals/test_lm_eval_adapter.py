@@ -28,12 +28,7 @@ DOCS = ["The quick brown fox jumps over the lazy dog. " * 6 + "Hello world, how 
 MAX_LEN = 24  # forces several rolling windows and left-truncated contexts
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

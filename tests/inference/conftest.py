@@ -3,12 +3,8 @@ microseconds, and a second OpenMP thread only adds synchronisation (and, on a bu
 waits of milliseconds per op). The previous setting is restored after each test."""
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Every test here runs torch on one thread (tests.conftest.one_thread)."""

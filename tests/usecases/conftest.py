@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import herd
@@ -17,11 +16,8 @@ CORPUS = ["The quick brown fox jumps over the lazy dog. def main(): return 0\n" 
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Every test here runs torch on one thread (tests.conftest.one_thread)."""
 
 
 @pytest.fixture(scope="session")
