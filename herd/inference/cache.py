@@ -22,6 +22,9 @@ by log-sum-exp, so no [T, context] mask is ever built and prefill memory stays b
 
 from __future__ import annotations
 
+import collections
+import itertools
+
 import torch
 
 from herd.config import ModelConfig, TextConfig
@@ -320,3 +323,131 @@ class KVCache:
         j = last - s
         self._write(layer, rows, slice(last % chunk, last % chunk + T - j), k[:, :, j:], v[:, :, j:])
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+class PrefixStore:
+    """KV rows of finished sequences, kept so a later prompt that starts with the same tokens (a chat's
+    next turn resends the whole conversation) prefills only what is new.
+
+        store = PrefixStore(max_bytes=256 << 20)
+        store.save(cache, row, tokens, image_features)      # a sequence finished: keep its row
+        m = store.restore(cache, row, prompt, image_features, image_token)   # → prompt tokens now cached
+
+    An entry is one row copied out of a KVCache: every layer's keys/values for the row's first n
+    positions (global layers), or the row's ring (chunked layers: the chunk holding position n-1),
+    keyed by the n token ids it holds. Entries are evicted least-recently-used first once their
+    bytes pass `max_bytes`; a row larger than the budget is not kept.
+
+    What can be reused (iRoPE). A prompt sharing m0 tokens with an entry may reuse m ≤ m0 of them
+    (and at most len(prompt) − 1: the last prompt token runs through the model to give the first
+    logits). Global (NoPE) layers keep every position, so any m works. A chunked layer keeps only
+    the chunk of position n−1; continuing from m needs positions chunk_start(m) … m−1, which are
+    still in the ring when m is in the same chunk as n−1 (n ≤ (m // c + 1)·c), and which are
+    nothing at all when m is a chunk boundary. Otherwise m drops to the boundary m // c · c.
+    Image tokens: their keys depend on the image, not the token id, so the prompt's image features
+    must equal the entry's over the reused span (else m stops before the first image token).
+    """
+
+    def __init__(self, max_bytes: int):
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be ≥ 0, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self.entries: "collections.OrderedDict[int, dict]" = collections.OrderedDict()  # LRU first
+        self.nbytes = 0
+        self._ids = itertools.count()
+        self.hits = 0  # restores that reused ≥ 1 token
+        self.reused_tokens = 0
+        self.queries = 0  # restore calls (prompts looked up)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def save(self, cache: KVCache, row: int, tokens: list[int], image_features: torch.Tensor | None = None) -> bool:
+        """Keep row `row` of `cache`, which holds `tokens` (its lengths[row] first). → kept or not."""
+        n = cache.lengths[row]
+        if n == 0 or self.max_bytes == 0:
+            return False
+        if len(tokens) < n:
+            raise ValueError(f"row {row} holds {n} positions but only {len(tokens)} tokens were given")
+        layers, size = [], 0
+        for i in range(cache.num_layers):
+            m = n if cache.chunks[i] is None else cache.k[i].shape[2]
+            t = [None if x is None else x[row, :, :m].clone() for x in
+                 (cache.k[i], cache.v[i], cache.k_scale[i], cache.v_scale[i])]
+            size += sum(x.numel() * x.element_size() for x in t if x is not None)
+            layers.append(t)
+        if size > self.max_bytes:
+            return False
+        key = tuple(tokens[:n])
+        for eid, e in list(self.entries.items()):  # the same tokens again: keep the newer copy only
+            if e["tokens"] == key:
+                self._drop(eid)
+        self.entries[next(self._ids)] = {"tokens": key, "layers": layers, "nbytes": size, "features": image_features}
+        self.nbytes += size
+        while self.nbytes > self.max_bytes:
+            self._drop(next(iter(self.entries)))
+        return True
+
+    def _drop(self, eid: int) -> None:
+        self.nbytes -= self.entries.pop(eid)["nbytes"]
+
+    @staticmethod
+    def _common(a: tuple, b: list[int]) -> int:
+        n = min(len(a), len(b))
+        i = 0
+        while i < n and a[i] == b[i]:
+            i += 1
+        return i
+
+    def usable(self, entry_len: int, m: int, chunks: list[int | None]) -> int:
+        """The largest m' ≤ m that an entry of entry_len positions can continue from (iRoPE, above)."""
+        for c in sorted({c for c in chunks if c is not None}):
+            if m % c and entry_len > (m // c + 1) * c:
+                m = m // c * c
+        return m
+
+    def restore(self, cache: KVCache, row: int, prompt: list[int], image_features: torch.Tensor | None = None,
+                image_token: int | None = None) -> int:
+        """Fill row `row` of `cache` with the longest reusable prefix of `prompt` → its length (0: none;
+        the row is then reset)."""
+        self.queries += 1
+        cache.reset(row)
+        best, best_m = None, 0
+        for eid, e in self.entries.items():
+            if e["tokens"][0] != prompt[0]:
+                continue
+            m = min(self._common(e["tokens"], prompt), len(prompt) - 1)
+            m = self._image_limit(e, prompt, m, image_features, image_token)
+            m = self.usable(len(e["tokens"]), m, cache.chunks)
+            if m > best_m:
+                best, best_m = eid, m
+        if best is None:
+            return 0
+        e = self.entries[best]
+        self.entries.move_to_end(best)
+        cache.reserve(best_m + 1)
+        for i, saved in enumerate(e["layers"]):
+            m = best_m if cache.chunks[i] is None else min(saved[0].shape[1], cache.k[i].shape[2])
+            for dst, src in zip((cache.k[i], cache.v[i], cache.k_scale[i], cache.v_scale[i]), saved):
+                if dst is not None:
+                    dst[row, :, :m] = src[:, :m]
+        cache.lengths[row] = best_m
+        self.hits += 1
+        self.reused_tokens += best_m
+        return best_m
+
+    @staticmethod
+    def _image_limit(e: dict, prompt: list[int], m: int, features, image_token) -> int:
+        """m, or the position of the first image token in prompt[:m] when the images differ."""
+        if image_token is None:
+            return m
+        try:
+            first = prompt.index(image_token, 0, m)
+        except ValueError:
+            return m  # no image tokens in the reused span
+        k = prompt[:m].count(image_token)
+        mine, theirs = features, e["features"]
+        if (mine is not None and theirs is not None and mine.shape[0] >= k and theirs.shape[0] >= k
+                and (mine is theirs or torch.equal(mine[:k], theirs[:k]))):
+            return m
+        return first

@@ -12,6 +12,14 @@ position. Live sequences occupy cache rows 0 … n-1; when one finishes, the las
 its place, so the decode batch is always a contiguous view of the cache (no gather per step).
 Images are encoded once, when the sequence's prefill starts.
 
+Prefix reuse across requests (`prefix_cache_bytes` > 0): when a sequence finishes (stop or length;
+never a cancelled one) its cache row is copied into a bounded LRU store
+(herd.inference.cache.PrefixStore), keyed by the token ids it holds. A new prompt that starts with
+a kept sequence's tokens — a chat's next turn resends the conversation so far — gets those rows
+copied back and prefills only the rest, as far as iRoPE's chunked layers still hold what the rest
+needs (the store's docstring has the chunk-boundary rule). `engine.prefix.hits` / `.reused_tokens`
+count what it saved.
+
 The engine runs the model it is given prepared for inference (herd.inference.fast.inference_view:
 a trainable Llama4 is turned into a separate, prepared copy, cached until its weights change; the
 model itself is left untouched) and holds its own batch-1 decode step (herd.inference.single) for
@@ -33,7 +41,7 @@ from typing import Any, Iterator
 
 import torch
 
-from herd.inference.cache import KVCache
+from herd.inference.cache import KVCache, PrefixStore
 from herd.inference.fast import inference_view, weights_version
 from herd.inference.sampling import RowState, SamplingParams, sample
 from herd.inference.single import SingleDecoder
@@ -66,6 +74,8 @@ class Sequence:
         self.pixel_values, self.features = pixel_values, image_features
         self.output: list[int] = []
         self.prefilled = 0  # prompt tokens already in the cache
+        self.reused = 0  # of those, taken from the prefix store
+        self.all_features = image_features  # kept for the prefix store (features is dropped after prefill)
         self.image_offset = 0  # image features already consumed by prefill
         self.last: int | None = None  # the token to feed next
         self.finish_reason: str | None = None
@@ -137,11 +147,13 @@ class Engine:
     compile: torch.compile the batch-1 decode step (herd.inference.single).
     single_step: use the batch-1 decode step where it applies (False: always the general forward,
     for comparisons).
+    prefix_cache_bytes: memory for the KV rows of finished sequences, reused by later prompts that
+    extend them (0: off; see the module docstring).
     """
 
     def __init__(self, model, *, max_batch: int = 8, max_seq_len: int | None = None, capacity: int | None = None,
                  prefill_chunk: int | None = 512, kv_dtype=None, tokenizer=None, compile: bool = False,
-                 single_step: bool = True):
+                 single_step: bool = True, prefix_cache_bytes: int = 0):
         if max_batch < 1:
             raise ValueError(f"max_batch must be ≥ 1, got {max_batch}")
         if prefill_chunk is not None and prefill_chunk < 1:
@@ -161,6 +173,7 @@ class Engine:
         self.tokenizer = tokenizer
         cap = capacity or (max_seq_len if max_seq_len is not None else 2048)
         self.cache = KVCache.for_model(self.model, batch_size=max_batch, capacity=cap, kv_dtype=kv_dtype)
+        self.prefix = PrefixStore(prefix_cache_bytes) if prefix_cache_bytes else None
         self.active: list[Sequence] = []  # row i holds active[i]
         self.prefilling: Sequence | None = None  # in row len(active)
         self.waiting: deque[Sequence] = deque()
@@ -270,7 +283,12 @@ class Engine:
         self.cache.reset(row)
         if seq.features is None and seq.pixel_values is not None:
             seq.features = self.model.encode_images(seq.pixel_values)  # once per prompt
-            seq.pixel_values = None
+            seq.all_features, seq.pixel_values = seq.features, None
+        if self.prefix is not None:
+            m = self.prefix.restore(self.cache, row, seq.prompt, seq.features, self.image_token)
+            seq.prefilled = seq.reused = m
+            if m and self.image_token is not None:
+                seq.image_offset = seq.prompt[:m].count(self.image_token)
         self.prefilling = seq
 
     def _prefill_step(self, events: list[Event]) -> None:
@@ -289,11 +307,14 @@ class Engine:
         seq.features = None
         if seq.params.max_new_tokens == 0:
             events.append(Event(seq.id, None, finish_reason="length"))
+            self._retain(seq, row)
             return
         out = sample(logits[None], [seq.state])
         reason = self._accept(seq, out.tokens[0], out.logprobs[0], out.top_logprobs[0], events)
         if reason is None:
             self.active.append(seq)  # row `row` == len(active) before the append
+        else:
+            self._retain(seq, row)
 
     def _decode_step(self, events: list[Event]) -> None:
         n = len(self.active)
@@ -304,8 +325,15 @@ class Engine:
         for r, seq in enumerate(self.active):
             if self._accept(seq, out.tokens[r], out.logprobs[r], out.top_logprobs[r], events) is not None:
                 done.append(r)
+        for r in done:
+            self._retain(self.active[r], r)
         for r in reversed(done):
             self._remove(r)
+
+    def _retain(self, seq: Sequence, row: int) -> None:
+        """A finished sequence's row goes to the prefix store (its tokens: prompt + output fed back)."""
+        if self.prefix is not None:
+            self.prefix.save(self.cache, row, seq.prompt + seq.output, seq.all_features)
 
     def _accept(self, seq: Sequence, token: int, logprob, top, events: list[Event]) -> str | None:
         """Record a sampled token; returns the finish reason if the sequence is done."""
