@@ -9,7 +9,8 @@ token (p50 / p99) at 1, 8, 32 and 64 concurrent streams, one run, same model, sa
     #                           cmake --build $LCPP/build --target llama-server -j 2
     python benchmarks/serve.py --model /tmp/herd-llamacpp/model-hf --llama-server $LCPP/build/bin/llama-server \
         --gguf /tmp/herd-llamacpp/model-bf16.gguf --threads 2
-    # a follow-up turn that resends 5 images: TTFT with the server's image-feature cache vs without
+    # a chat's follow-up turn (turn 1 sent 5 images): TTFT cold, with the image features cached, and
+    # with turn 1's KV rows reused from the engine's prefix store (the server's default)
     python benchmarks/serve.py --turn2 [--model runs/tiny] --threads 2
 
 Both servers get identical requests through the same endpoint, POST /v1/completions with
@@ -129,10 +130,11 @@ def smoke_model(tmp: Path) -> tuple[str, str, int]:
 
 
 def turn2(args) -> None:
-    """TTFT of a follow-up turn that resends the conversation's images: cold (vision features not
-    cached) against warm (cached by the server), in turns, median of --rounds. herd's engine has no
-    KV prefix cache across requests yet, so both prefill the whole history; the difference is the
-    vision encoder alone."""
+    """TTFT of a chat's follow-up turn (the whole conversation resent, turn 1 with --images images),
+    three ways in turns, median of --rounds: cold (nothing cached: encode the images, prefill it all),
+    images cached (the server's feature cache; the whole history prefilled again), and prefix reused
+    (turn 1's KV rows from the engine's prefix store, as `herd serve` runs by default: only turn 1's
+    reply tail and the new user message are prefilled)."""
     import threading
 
     import torch
@@ -150,7 +152,8 @@ def turn2(args) -> None:
     if tok is None:
         tok = train_tokenizer(["The quick brown fox jumps over the lazy dog. " * 50], model.config.text.vocab_size,
                               Path(tempfile.mkdtemp()) / "tok")
-    app = create_app(Settings(model_name="bench"), herd.Engine(model, max_batch=4, max_seq_len=8192, tokenizer=tok))
+    engine = herd.Engine(model, max_batch=4, max_seq_len=8192, tokenizer=tok, prefix_cache_bytes=256 << 20)
+    app = create_app(Settings(model_name="bench"), engine)
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     threading.Thread(target=srv.run, daemon=True).start()
@@ -159,7 +162,8 @@ def turn2(args) -> None:
     url = f"http://127.0.0.1:{port}"
     images = [{"type": "image_url", "image_url": {"url": png_data_url(i, (200, 300))}} for i in range(args.images)]
     turn1 = [{"role": "user", "content": [{"type": "text", "text": "What is in these pictures?"}, *images]}]
-    r1 = httpx.post(url + "/v1/chat/completions", json={"messages": turn1, "max_tokens": 16}, timeout=None).json()
+    body1 = {"messages": turn1, "max_tokens": 16, "temperature": 0}
+    r1 = httpx.post(url + "/v1/chat/completions", json=body1, timeout=None).json()
     conv = turn1 + [r1["choices"][0]["message"], {"role": "user", "content": "And in the second one?"}]
 
     def ttft() -> float:
@@ -171,16 +175,28 @@ def turn2(args) -> None:
                     return time.perf_counter() - t0
         return float("nan")
 
-    cold, warm = [], []
+    def forget(features: bool) -> None:  # between requests: the engine thread is idle
+        engine.prefix.clear()
+        if features:
+            app.state.server._features.clear()
+
+    cold, images, prefix = [], [], []
+    hits0, reused0 = engine.prefix.hits, engine.prefix.reused_tokens
     for _ in range(args.rounds):
-        app.state.server._features.clear()
+        forget(features=True)
         cold.append(ttft())
-        warm.append(ttft())
+        forget(features=False)
+        images.append(ttft())
+        forget(features=True)
+        httpx.post(url + "/v1/chat/completions", json=body1, timeout=None)  # turn 1 again: its rows are kept
+        prefix.append(ttft())
+    reused = (engine.prefix.reused_tokens - reused0) / max(1, engine.prefix.hits - hits0)
     srv.should_exit = True
     app.state.server.close()
-    c, w = statistics.median(cold), statistics.median(warm)
-    print(f"turn 2 ({args.images} images, {r1['usage']['prompt_tokens']}+ prompt tokens): TTFT cold {1e3 * c:.1f} ms, "
-          f"images cached {1e3 * w:.1f} ms ({c / w:.2f}×), median of {args.rounds}")
+    c, i, p = statistics.median(cold), statistics.median(images), statistics.median(prefix)
+    print(f"turn 2 ({args.images} images, turn 1 {r1['usage']['prompt_tokens']} prompt tokens): TTFT cold "
+          f"{1e3 * c:.1f} ms, images cached {1e3 * i:.1f} ms ({c / i:.2f}×), prefix reused {1e3 * p:.1f} ms "
+          f"({c / p:.2f}× cold; {reused:.0f} tokens reused per turn 2), median of {args.rounds}")
 
 
 def main() -> None:

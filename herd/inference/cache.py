@@ -388,6 +388,11 @@ class PrefixStore:
             self._drop(next(iter(self.entries)))
         return True
 
+    def clear(self) -> None:
+        """Forget every entry (the counters stay)."""
+        self.entries.clear()
+        self.nbytes = 0
+
     def _drop(self, eid: int) -> None:
         self.nbytes -= self.entries.pop(eid)["nbytes"]
 

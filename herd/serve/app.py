@@ -108,6 +108,8 @@ class Server:
         if engine.max_seq_len is not None and self.max_model_len > engine.max_seq_len:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the engine's max_seq_len {engine.max_seq_len}")
         self.stop_ids = sorted(set(self.config.text.eos_token_ids) | set(self.tokenizer.stop_tokens))
+        if getattr(engine, "prefix", None) is not None:
+            self.metrics.watch_prefix(engine.prefix)
         self.loop = EngineLoop(engine, self.metrics, max_queue=self.settings.max_queue).start()
 
     def close(self) -> None:

@@ -23,6 +23,8 @@ def _cmd_serve(args) -> int:
     from herd.serve.app import Settings, create_app
     from herd.serve.guards import load_guards
 
+    if args.prefix_cache_mb < 0:
+        raise ValueError(f"--prefix-cache-mb must be ≥ 0, got {args.prefix_cache_mb}")
     if args.max_batch < 1:
         raise ValueError(f"--max-batch must be ≥ 1, got {args.max_batch}")
     if not 1 <= args.port <= 65535 and args.port != 0:
@@ -46,7 +48,7 @@ def _cmd_serve(args) -> int:
             model, tok = load_for_inference(args.model, dtype=args.dtype, bits=args.bits, tokenizer=args.tokenizer)
             require_tokenizer(tok, args.model)
             engine = herd.Engine(model, max_batch=args.max_batch, max_seq_len=args.max_model_len, tokenizer=tok,
-                                 prefill_chunk=args.prefill_chunk)
+                                 prefill_chunk=args.prefill_chunk, prefix_cache_bytes=int(args.prefix_cache_mb * 2**20))
             app.state.server.attach(engine)
             print(f"herd serve: {args.model} ready on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
         except BaseException as e:  # noqa: BLE001 - reported, then the server stops
@@ -88,6 +90,8 @@ def add_serve_subcommand(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, choices=(8, 4), help="quantize weights on the fly")
     p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per forward (default 512)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--prefix-cache-mb", type=float, default=256, help="memory for finished conversations' KV rows, "
+                   "reused when a follow-up request extends one (default 256; 0: off)")
     p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=_cmd_serve)
     return p

@@ -12,6 +12,9 @@ num_requests_running / waiting, generation_tokens_total), under the `herd_` pref
     herd_prompt_tokens_total           counter    prompt tokens accepted
     herd_request_success_total         counter    finished sequences, by finish_reason
     herd_guard_verdicts_total          counter    guard decisions, by guard and decision
+    herd_prefix_cache_queries_total    counter    prompts looked up in the engine's prefix store
+    herd_prefix_cache_hits_total       counter    of those, prompts that reused a cached prefix
+    herd_prefix_cache_reused_tokens_total counter prompt tokens not prefilled thanks to it
 
 Each app gets its own registry, so several servers (tests) in one process never share counters.
 """
@@ -23,6 +26,7 @@ import threading
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -66,5 +70,23 @@ class Metrics:
                 self._stamps.popleft()
             return sum(n for _, n in self._stamps) / self._window
 
+    def watch_prefix(self, store) -> None:
+        """Export the engine's prefix store counters (herd.inference.cache.PrefixStore), read at scrape time."""
+        self.registry.register(_PrefixCollector(store))
+
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _PrefixCollector:
+    """The prefix store's counters as Prometheus counters (the store counts; this only reads)."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def collect(self):
+        for name, doc, value in (("queries", "Prompts looked up in the prefix store", self.store.queries),
+                                 ("hits", "Prompts that reused a cached prefix", self.store.hits),
+                                 ("reused_tokens", "Prompt tokens taken from the prefix store instead of prefilled",
+                                  self.store.reused_tokens)):
+            yield CounterMetricFamily(f"herd_prefix_cache_{name}", doc, value=value)
