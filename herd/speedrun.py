@@ -10,7 +10,10 @@ a `herd` subcommand that reads one run directory and writes one, so any stage ca
 own with the command the log prints:
 
     tokenizer → base (herd train) → mid (herd midtrain) → sft data → sft (pruned) → rl → dpo pairs
-    → dpo → prompt guard → llama guard → per model: lm-eval (herd's offline tasks) and RULER → report
+    → dpo → prompt guard → llama guard → per model: lm-eval (herd's offline tasks), RULER and the
+    chat skills (herd eval skills: digit VQA, tool use, stop rate; raw prompts for BASE and MID, the
+    chat format for SFT, RL, DPO) → the use cases scored on the final model (herd score-usecases)
+    → report
 
 OUT/speedrun.json records, per stage, its command, status, wall-clock seconds and log file
 (OUT/logs/STAGE.log). A stage that finished is skipped on rerun; one that was interrupted or
@@ -43,7 +46,7 @@ FULL = dict(base=["--max-steps", "600"], mid=["--max-steps", "60", "--curriculum
             rl=["--max-steps", "30", "--workers", "1"], pairs=["--limit", "128", "--use-reference"],
             dpo=["--max-steps", "60"], pg=[], lg=["--max-steps", "200"],
             ruler=["--tasks", "niah_single_1,niah_multikey_1", "--lengths", "512,2k", "--samples", "10"],
-            lm=["--limit", "100"])
+            lm=["--limit", "100"], skills=["--limit", "40"], usecases=["--limit", "20", "--lengths", "1024,2048"])
 QUICK = dict(base=["--max-steps", "4", "--batch-size", "2", "--seq-len", "64", "--max-docs", "10",
                    "--eval-every", "2", "--eval-batches", "1"],
              mid=["--max-steps", "2", "--curriculum", "512:1", "--batch-tokens", "512", "--max-docs", "10",
@@ -57,7 +60,9 @@ QUICK = dict(base=["--max-steps", "4", "--batch-size", "2", "--seq-len", "64", "
              dpo=["--max-steps", "2", "--batch-size", "2", "--max-len", "128"],
              pg=["--epochs", "1"], lg=["--max-steps", "2", "--eval-limit", "4"],
              ruler=["--tasks", "niah_single_1", "--lengths", "512", "--samples", "2", "--max-new-tokens", "12"],
-             lm=["--limit", "2"])
+             lm=["--limit", "2"], skills=["--limit", "2"],
+             usecases=["--limit", "1", "--lengths", "256,512", "--max-new-tokens", "8"])
+CHAT_STAGES = ("sft", "rl", "dpo")  # chat-format prompts in the evaluations; base and mid get raw text
 
 
 @dataclass
@@ -95,6 +100,10 @@ def stages(out: Path, sizes: dict) -> list[Stage]:
                        f"{m}/lm_eval", module="herd.evals.lm_eval_adapter", reads=m))
         s.append(Stage(f"ruler_{m}", ["eval", "ruler", f"{o}/{m}", "--out", f"{o}/{m}/ruler", *sizes["ruler"]],
                        f"{m}/ruler", reads=m))
+        s.append(Stage(f"skills_{m}", ["eval", "skills", f"{o}/{m}", "--format", "chat" if m in CHAT_STAGES else "raw",
+                                        "--out", f"{o}/{m}/skills", *sizes["skills"]], f"{m}/skills", reads=m))
+    s.append(Stage("usecases", ["score-usecases", f"{o}/{MODEL_STAGES[-1]}", "--out", f"{o}/usecases",
+                                *sizes["usecases"]], "usecases", reads=MODEL_STAGES[-1]))
     return s
 
 

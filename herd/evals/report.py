@@ -15,8 +15,12 @@ Layout of report.md (nanochat's report card, BASE | MID | SFT | RL columns, plus
                  cloze / arithmetic /     OUT/STAGE/lm_eval/**/results_*.json (lm-eval with herd's
                  needle / bits per byte   offline tasks, herd/evals/tasks)
                  RULER effective length   OUT/STAGE/ruler/summary.json (absolute 85.6 threshold)
-               rows no stage measures yet (digit VQA with 1 and 5 images, tool use, stop rate)
-               say "not measured" rather than leave a guess
+                 digit VQA (1 and 5      OUT/STAGE/skills/summary.json (herd eval skills; raw
+                 images), tool use,       prompts for BASE and MID, chat for the others: the note
+                 stop rate                under the table says which)
+               a cell no file fills says "—" rather than leave a guess
+    use cases  ask-repo accuracy at two context lengths and summarize ROUGE-L on the final model
+               (OUT/usecases/summary.json, herd score-usecases)
     guards     tiny Llama Guard F1 (OUT/llama_guard/guard_eval.json) and Prompt Guard recall at
                1% FPR (OUT/prompt_guard/summary.json)
     claims     each seed claim against its ablation at equal compute, read from the benchmark
@@ -102,6 +106,12 @@ def _metric(res: dict, task: str, prefix: str):
     return None
 
 
+def skill(d: Path, key: str):
+    """A score from OUT/STAGE/skills/summary.json (herd eval skills)."""
+    v = (_json(d / "skills" / "summary.json") or {}).get(key)
+    return float(v) if isinstance(v, (int, float)) else None
+
+
 def ruler_length(d: Path):
     s = _json(d / "ruler" / "summary.json") or {}
     return (s.get("effective_length") or {}).get("absolute_85.6")
@@ -118,11 +128,16 @@ ROWS = [  # (row label, reader(stage dir, lm-eval results) → value or None, fo
     ("reasoning: arithmetic (exact match)", lambda d, r: _metric(r, "herd_arith", "exact_match"), "{:.2f}"),
     ("RULER-lite needle (exact match)", lambda d, r: _metric(r, "herd_needle", "exact_match"), "{:.2f}"),
     ("RULER effective length (tokens)", lambda d, r: ruler_length(d), "{}"),
-    ("digit VQA, 1 image", None, ""),
-    ("digit VQA, 5 images", None, ""),
-    ("tool-use accuracy", None, ""),
-    ("stop rate", None, ""),
+    ("digit VQA, 1 image (exact match)", lambda d, r: skill(d, "digit_vqa_1"), "{:.2f}"),
+    ("digit VQA, 5 images (exact match)", lambda d, r: skill(d, "digit_vqa_5"), "{:.2f}"),
+    ("tool use: right calculator call", lambda d, r: skill(d, "tool_use"), "{:.2f}"),
+    ("tool use: any calculator call", lambda d, r: skill(d, "tool_call_rate"), "{:.2f}"),
+    ("stop rate (replies ending in a stop token)", lambda d, r: skill(d, "stop_rate"), "{:.2f}"),
 ]
+SKILL_NOTE = ("Digit VQA, tool use and stop rate: `herd eval skills` on held-out items of the SFT data's "
+              "generators (herd/data/chat_data.py). Prompt layout per column: {layouts} — raw = the pre-training "
+              "layout (each digit image captioned in turn, the question answered from the digits read: perception "
+              "only; tool use as plain text), chat = the Llama 4 chat format.")
 
 
 def _fmt(v, fmt: str) -> str:
@@ -137,9 +152,6 @@ def _fmt(v, fmt: str) -> str:
 def stage_table(out: Path, state: dict) -> tuple[list[str], dict]:
     data = {}
     for label, read, fmt in ROWS:
-        if read is None:
-            data[label] = None
-            continue
         data[label] = {}
         for s in STAGES:
             d = out / s
@@ -149,10 +161,33 @@ def stage_table(out: Path, state: dict) -> tuple[list[str], dict]:
     status = [state.get(s, {}).get("status", "not run") for s in STAGES]
     lines.append("| stage status | " + " | ".join(status) + " |")
     for label, read, fmt in ROWS:
-        cells = (["not measured"] * len(STAGES) if data[label] is None
-                 else [_fmt(data[label][s], fmt) for s in STAGES])
+        cells = [_fmt(data[label][s], fmt) for s in STAGES]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines, data
+
+
+def skills_note(out: Path) -> str:
+    fmts = [(_json(out / s / "skills" / "summary.json") or {}).get("prompt_format") for s in STAGES]
+    return SKILL_NOTE.format(layouts=", ".join(f"{s.upper()} {f or NOT}" for s, f in zip(STAGES, fmts)))
+
+
+def usecase_rows(out: Path) -> tuple[list[str], dict]:
+    """The use cases scored on the final model (OUT/usecases/summary.json, herd score-usecases)."""
+    u = _json(out / "usecases" / "summary.json") or {}
+    lines = ["| use case | measure | value |", "|---|---|---|"]
+    for ctx, r in sorted((u.get("ask_repo") or {}).items(), key=lambda kv: int(kv[0])):
+        lines.append(f"| `herd ask-repo`, {ctx}-token context | right file cited first, {r['n']} held-out "
+                     f"\"where is X defined\" questions | {r['accuracy']:.2f} (chance {r['chance']:.2f}, "
+                     f"{r['files']:.1f} files packed) |")
+    sm = u.get("summarize") or {}
+    if sm:
+        lines.append(f"| `herd summarize` | ROUGE-L F1 vs the docstring's summary line, {sm['n']} held-out "
+                     f"stdlib functions | {sm['rougeL_f1']:.3f} |")
+    if len(lines) == 2:
+        lines.append(f"| ask-repo, summarize | not run | {NOT} |")
+    model = Path(u["model"]).name.upper() if u.get("model") else NOT
+    return [f"On the final model ({model}); held-out = functions whose key is in the SFT data's test split.", ""] + \
+        lines, u
 
 
 def guard_rows(out: Path) -> tuple[list[str], dict]:
@@ -206,7 +241,9 @@ def build_report(out: str | Path, results_dir: str | Path | None = None) -> tupl
                   f"{s.get('wall_s', NOT)} | `{s.get('cmd', '')}` |")
     md += [f"| total | | {total:.1f} | |", "", "## What each model can do", ""]
     table, stage_data = stage_table(out, state)
-    md += table + ["", "## Guards", ""]
+    md += table + ["", skills_note(out), "", "## Use cases", ""]
+    ul, udata = usecase_rows(out)
+    md += ul + ["", "## Guards", ""]
     gl, gdata = guard_rows(out)
     md += gl + ["", "## Claims", "",
                 "Each claim against its ablation at equal compute, from the benchmark result files "
@@ -214,7 +251,8 @@ def build_report(out: str | Path, results_dir: str | Path | None = None) -> tupl
     cl, cdata = claim_rows(results_dir)
     md += cl + [""]
     data = {"environment": env, "stages": state, "total_wall_s": round(total, 1), "table": stage_data,
-            "guards": gdata, "claims": cdata}
+            "guards": gdata, "claims": cdata,
+            "usecases": udata}
     return "\n".join(md), data
 
 

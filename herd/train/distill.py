@@ -15,6 +15,11 @@ whose T² keeps the soft gradients' size independent of T. Positions labelled -1
 image-layout targets) count in neither part. Endpoints: w = 1 is plain (T²-scaled) KL, w = 0 is
 plain cross-entropy, exactly herd.model.loss.linear_cross_entropy.
 
+Stages: `herd train --teacher DIR` (pre-training, online or offline targets) and `herd midtrain
+--teacher DIR` (mid-training, online: its batches mix streams, which offline targets do not key)
+build the same `DistillObjective` for the one loop (herd.train.loop); the flags and their checks
+live here (`DistillSettings`, `validate_settings`).
+
 The weight w (`--distill-weight`, `WeightSchedule`):
   * `0.7` constant;  `linear:A:B` from A at step 0 towards B at the end of training (step/max_steps);
   * `gap[:TAU]` (the default, TAU = 1 nat): the *dynamic* one. On each micro-batch,
@@ -48,8 +53,10 @@ ones K ids and log-probabilities per position).
 
 Teacher targets come two ways (`DistillObjective`), giving the same loss on the same batch:
   * online: the frozen teacher (eval mode, no gradients) runs on the student's batch each step.
-    Under torchrun every rank holds a whole copy of the teacher and runs it on its own rows
-    (fine at herd's CPU sizes; sharding a GPU-sized teacher with FSDP is not built);
+    Under torchrun with FSDP2 the teacher is sharded like the student (`shard_teacher`: one
+    `fully_shard` unit per decoder layer plus the root, resharded after every forward, so a rank
+    holds 1/world of the teacher's weights and gathers one layer at a time); each rank runs it on
+    its own rows. With DDP every rank holds a whole copy;
   * offline (`OfflineTargets`): the teacher's top-K log-probabilities precomputed once over the
     first N batches of a training stream and stored on disk (numpy .npy, memory-mapped), keyed by
     a hash of the teacher's weights and of the data (stream settings + tokenizer); rows are found
@@ -65,7 +72,7 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -119,6 +126,43 @@ class WeightSchedule:
     def __str__(self) -> str:
         return {"constant": f"{self.start:g}", "linear": f"linear:{self.start:g}:{self.end:g}",
                 "gap": f"gap:{self.tau:g}"}[self.kind]
+
+
+@dataclass
+class DistillSettings:
+    """The distillation flags of a stage config (herd midtrain's MidtrainConfig subclasses this;
+    herd train's TrainConfig spells the same fields and adds --teacher-targets). Check them with
+    `validate_settings`."""
+
+    teacher: str | None = field(default=None, metadata={
+        "help": "codistillation: a model directory (same tokenizer) whose next-token distribution trains "
+                "this model alongside the data (herd.train.distill)"})
+    distill_weight: str = field(default="gap", metadata={
+        "help": "weight w of the teacher's soft targets (1 − w on the data's labels): a number in [0, 1], "
+                "linear:A:B over training, or gap[:TAU], dynamic: w = 1 − exp(−(CE_student − CE_teacher)/TAU)"})
+    distill_temperature: float = field(default=1.0, metadata={
+        "help": "softmax temperature T of teacher and student in the soft part (scaled by T²)"})
+    teacher_topk: int | None = field(default=None, metadata={
+        "help": "keep only the teacher's K most likely tokens per position (see --teacher-topk-mode)"})
+    teacher_topk_mode: TopKMode = field(default="renorm", metadata={
+        "help": "renormalise the teacher over its top K, or keep the rest as one bucket"})
+
+
+def validate_settings(cfg) -> None:
+    """Clear errors for distillation flags (a config with DistillSettings' fields, and optionally
+    teacher_targets) before anything loads."""
+    if not cfg.teacher and (getattr(cfg, "teacher_targets", None) or cfg.teacher_topk is not None
+                            or cfg.distill_weight != "gap" or cfg.distill_temperature != 1.0):
+        raise ValueError("--distill-weight, --distill-temperature, --teacher-topk and --teacher-targets "
+                         "need --teacher DIR")
+    if cfg.teacher:
+        WeightSchedule.parse(cfg.distill_weight)
+        if not cfg.distill_temperature > 0:
+            raise ValueError(f"--distill-temperature must be positive, got {cfg.distill_temperature}")
+        if cfg.teacher_topk_mode not in ("renorm", "tail"):
+            raise ValueError(f"--teacher-topk-mode must be renorm or tail, got {cfg.teacher_topk_mode!r}")
+        if cfg.teacher_topk is not None and cfg.teacher_topk < 1:
+            raise ValueError(f"--teacher-topk must be positive, got {cfg.teacher_topk}")
 
 
 # ----- teacher targets ----------------------------------------------------------------------------
@@ -370,7 +414,27 @@ def load_teacher(directory: str | Path, student_config, student_tokenizer, devic
 
 
 def _hidden_and_head(h, weight):
-    return h, weight
+    # a copy: under FSDP2 the gathered head weight is freed when the teacher's forward ends
+    return h, weight.detach().clone()
+
+
+def shard_teacher(teacher, env):
+    """The frozen teacher sharded with FSDP2 across the torchrun ranks, as herd.train.distributed
+    shards the student (one unit per decoder layer, the rest in the root unit), every unit
+    resharded after its forward (there is no backward to keep the weights for). A rank holds
+    1/world of the teacher; its forwards all-gather one layer at a time, on every rank in every
+    step (the student's batches are split so every rank runs the same number). Under DDP or in
+    one process the teacher stays whole."""
+    if not env.distributed or env.mode != "fsdp":
+        return teacher
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in teacher.language_model.model.layers:
+        fully_shard(layer, reshard_after_forward=True)
+    fully_shard(teacher, reshard_after_forward=True)
+    if env.is_main:
+        print(f"teacher sharded with FSDP2 across {env.world} ranks")
+    return teacher
 
 
 @torch.no_grad()
@@ -575,7 +639,9 @@ class DistillObjective:
 
 
 def build_objective(cfg, model_config, tokenizer, train_stream, env) -> DistillObjective:
-    """The distillation objective of a `herd train --teacher DIR` run (herd.train.trainer.TrainConfig),
+    """The distillation objective of a `herd train --teacher DIR` run (herd.train.trainer.TrainConfig)
+    or a `herd midtrain --teacher DIR` one (online only; call after the student is wrapped, so that
+    env.mode says whether to shard the teacher),
     every input checked before the first step: the teacher loads and matches the student's
     vocabulary and tokenizer; top-k fits the vocabulary; offline targets (`--teacher-targets`)
     come from this teacher and this data stream and cover the run (precomputed on rank 0 when
@@ -587,11 +653,12 @@ def build_objective(cfg, model_config, tokenizer, train_stream, env) -> DistillO
     if cfg.teacher_topk is not None and not 1 <= cfg.teacher_topk <= V:
         raise ValueError(f"--teacher-topk {cfg.teacher_topk} must be between 1 and the vocabulary size {V}")
     teacher = load_teacher(cfg.teacher, model_config, tokenizer, env.device)
+    document_mask = getattr(cfg, "document_mask", True)
     common = dict(device=env.device, bos_id=tokenizer.bos_id, schedule=schedule, temperature=cfg.distill_temperature,
-                  topk_mode=cfg.teacher_topk_mode, document_mask=cfg.document_mask, max_steps=cfg.max_steps,
+                  topk_mode=cfg.teacher_topk_mode, document_mask=document_mask, max_steps=cfg.max_steps,
                   grad_accum=cfg.grad_accum)
-    if not cfg.teacher_targets:
-        return DistillObjective(teacher=teacher, topk=cfg.teacher_topk, **common)
+    if not getattr(cfg, "teacher_targets", None):
+        return DistillObjective(teacher=shard_teacher(teacher, env), topk=cfg.teacher_topk, **common)
     if cfg.teacher_topk is None:
         raise ValueError("--teacher-targets stores the teacher's top-k: give --teacher-topk K")
     if getattr(cfg, "align_steps", 0):
@@ -604,7 +671,7 @@ def build_objective(cfg, model_config, tokenizer, train_stream, env) -> DistillO
         print(f"precomputing the teacher's top-{cfg.teacher_topk} targets for {need} batches → {path}")
         OfflineTargets.precompute(path, teacher, train_stream, need, cfg.teacher_topk, cfg.distill_temperature,
                                   teacher_key=tkey, data_key=dkey, bos_id=tokenizer.bos_id,
-                                  document_mask=cfg.document_mask, bf16=cfg.bf16, device=env.device,
+                                  document_mask=document_mask, bf16=cfg.bf16, device=env.device,
                                   progress=cfg.progress)
     distributed.barrier(env)
     offline = OfflineTargets(path, tkey, dkey)

@@ -2,7 +2,7 @@
 the original pre-training data, through a sequence-length curriculum.
 
     herd midtrain --init runs/tiny --out runs/tiny-long --curriculum 512:0.5,2048:0.3,8192:0.2 \\
-        --long-ratio 0.5 --max-steps 60 [--resume]
+        --long-ratio 0.5 --max-steps 60 [--resume] [--teacher DIR [--distill-weight gap] ...]
 
 Idea (Llama 4 model card and blog: "mid-training with specialized datasets ... extending context
 length"; ProLong, Gao et al. 2024): after pre-training at a short length, keep training the same
@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from herd.train.distill import DistillSettings, validate_settings
 from herd.train.loop import LoopConfig, Phase, build_optimizer, init_from, run, validation_loss
 
 DEFAULT_TASKS = "niah_single_1,niah_single_2,niah_single_3,niah_multikey_1,niah_multivalue,vt,multihop,file_defines"
@@ -45,8 +46,9 @@ ANSWER_BUDGET = 64  # tokens reserved after the prompt for the answer and <|end_
 
 
 @dataclass
-class MidtrainConfig(LoopConfig):
-    """Mid-training: the loop's settings plus where to start, the curriculum and the data mixture."""
+class MidtrainConfig(DistillSettings, LoopConfig):
+    """Mid-training: the loop's settings plus where to start, the curriculum and the data mixture;
+    with --teacher DIR, codistillation (herd.train.distill, online teacher) replaces the plain loss."""
 
     init: str = field(default="runs/tiny", metadata={"help": "pre-trained run directory to continue from"})
     out: str = field(default="runs/tiny-long", metadata={"help": "run directory"})
@@ -84,6 +86,7 @@ class MidtrainConfig(LoopConfig):
 
     def validate(self) -> None:
         super().validate()
+        validate_settings(self)
         parse_curriculum(self.curriculum)
         from herd.data.longctx import parse_tasks
 
@@ -260,11 +263,18 @@ def midtrain(cfg: MidtrainConfig) -> dict:
         train_stream, _ = data(length, rows)
         sources.append(Phase(f"len{length}", MixedSource(tok, length, rows, cfg.long_ratio, tasks, cfg.seed,
                                                          train_stream, pad, f"len{length}", env.rank, env.world), a, b))
+    model_config = model.config
     model, optimizer = build_optimizer(model, cfg, env, verbose=False)
+    distill_objective = None
+    if cfg.teacher:  # codistillation on the same batches (validation stays plain cross-entropy)
+        from herd.train import distill
+
+        distill_objective = distill.build_objective(cfg, model_config, tok, None, env)
     hook = short_regression_hook(short_hook, start, cfg.short_val_tolerance, env.is_main)
     last = sources[-1]
-    summary = run(cfg, model, optimizer, objective, last.source, env, tokenizer=tok, phases=sources[:-1],
-                  evals=[hook], name=last.name,
+    summary = run(cfg, model, optimizer, distill_objective or objective, last.source, env, tokenizer=tok,
+                  phases=sources[:-1], evals=[hook], name=last.name,
+                  extra_state={"distill": distill_objective} if distill_objective else None,
                   summary={"init": str(init), "short_len": short_len, "short_val_loss_start": round(start, 5),
                            "curriculum_lengths": [n for n, _, _ in stages]})
     distributed.teardown(env)

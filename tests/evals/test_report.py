@@ -25,8 +25,17 @@ def fake_run(out, results):
         "herd_arith": {"exact_match,first_integer": 0.12}}}))
     (base / "ruler").mkdir()
     (base / "ruler" / "summary.json").write_text(json.dumps({"effective_length": {"absolute_85.6": 512}}))
+    (base / "skills").mkdir()
+    (base / "skills" / "summary.json").write_text(json.dumps({"prompt_format": "raw", "digit_vqa_1": 0.9,
+                                                              "digit_vqa_5": 0.0, "tool_use": 0.0, "stop_rate": None}))
     sft = out / "sft"
-    sft.mkdir()
+    (sft / "skills").mkdir(parents=True)
+    (sft / "skills" / "summary.json").write_text(json.dumps({"prompt_format": "chat", "digit_vqa_1": 0.3,
+                                                             "tool_use": 0.25, "tool_call_rate": 1.0, "stop_rate": 1}))
+    (out / "usecases").mkdir()
+    (out / "usecases" / "summary.json").write_text(json.dumps({"model": str(out / "dpo"), "ask_repo": {
+        "2048": {"accuracy": 0.1, "chance": 0.08, "files": 12.0, "n": 20},
+        "1024": {"accuracy": 0.25, "chance": 0.15, "files": 7.0, "n": 20}}, "summarize": {"rougeL_f1": 0.123, "n": 20}}))
     (sft / "config.json").write_text("{}")
     (sft / "metrics.jsonl").write_text(json.dumps({"step": 1, "eval_loss": 2.5}) + "\n"
                                        + json.dumps({"step": 2, "eval_loss": 2.25}) + "\n")
@@ -52,7 +61,12 @@ def test_report_has_every_row_and_reads_the_stage_files(tmp_path):
     assert data["table"]["reasoning: arithmetic (exact match)"]["base"] == 0.12
     assert data["table"]["RULER effective length (tokens)"]["base"] == 512
     assert "| validation loss | 4.271 | — | 2.250 | — | — |" in md
-    assert "| digit VQA, 1 image | not measured |" in md
+    assert "| digit VQA, 1 image (exact match) | 0.90 | — | 0.30 | — | — |" in md
+    assert "| tool use: any calculator call | — | — | 1.00 | — | — |" in md
+    assert "| stop rate (replies ending in a stop token) | — | — | 1.00 | — | — |" in md
+    assert "BASE raw, MID —, SFT chat, RL —, DPO —" in md
+    assert md.index("1024-token context") < md.index("2048-token context")
+    assert "| 0.25 (chance 0.15, 7.0 files packed) |" in md and "| 0.123 |" in md and "final model (DPO)" in md
     verdicts = {c["file"]: c["result"] for c in data["claims"]}
     assert verdicts["moe_vs_dense.json"] == "PASS" and verdicts["fp8_parity.json"] == "FAIL"
     assert verdicts["metap_transfer.json"] == "measured, no verdict recorded"
@@ -74,3 +88,4 @@ def test_an_empty_directory_still_gives_every_row(tmp_path):
     md, data = build_report(tmp_path, tmp_path / "none")
     assert all(f"| {label} |" in md for label, _, _ in ROWS)
     assert all(c["result"] == "not measured" for c in data["claims"])
+    assert "| ask-repo, summarize | not run | — |" in md
