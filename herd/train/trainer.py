@@ -49,6 +49,7 @@ class TrainConfig(LoopConfig):
     fp8: str | None = None  # None | tensorwise | rowwise
     align_steps: int = 0  # vision alignment stage (language model frozen) ...
     align_start: int = 0  # ... starting at this step (after some text pre-training, as Meta does)
+    align_freeze: str = "lm"  # lm: only vision + projector learn in the alignment stage; none: everything does
     eval_batches: int = 8
     tokenizer: str | None = None  # a directory with tokenizer.json; trained into OUT when absent
     mixture: dict | None = None  # data mixture weights by source name
@@ -69,18 +70,11 @@ class TrainConfig(LoopConfig):
         if self.fp8 not in (None, "tensorwise", "rowwise"):
             raise ValueError(f"--fp8 must be tensorwise or rowwise, got {self.fp8!r}")
         super().validate()
-        if not self.teacher and (self.teacher_targets or self.teacher_topk is not None
-                                 or self.distill_weight != "gap" or self.distill_temperature != 1.0):
-            raise ValueError("--distill-weight, --distill-temperature, --teacher-topk and --teacher-targets "
-                             "need --teacher DIR")
-        if self.teacher:
-            from herd.train.distill import WeightSchedule
+        from herd.train.distill import validate_settings
 
-            WeightSchedule.parse(self.distill_weight)
-            if not self.distill_temperature > 0:
-                raise ValueError(f"--distill-temperature must be positive, got {self.distill_temperature}")
-            if self.teacher_topk_mode not in ("renorm", "tail"):
-                raise ValueError(f"--teacher-topk-mode must be renorm or tail, got {self.teacher_topk_mode!r}")
+        validate_settings(self)
+        if self.align_freeze not in ("lm", "none"):
+            raise ValueError(f"--align-freeze must be lm or none, got {self.align_freeze!r}")
         if self.align_steps and self.align_start + self.align_steps >= self.max_steps:
             raise ValueError("the alignment stage (--align-start + --align-steps) must end before --max-steps")
 
@@ -252,7 +246,8 @@ def train(cfg: TrainConfig) -> dict:
     phases = []
     if cfg.align_steps and model_config.vision is not None:
         align_data, _ = build_data(cfg, tokenizer, model_config, env, weights={"digits": 1.0})
-        lm_params = [p for n, p in model.named_parameters() if n.removeprefix("module.").startswith("language_model.")]
+        lm_params = [p for n, p in model.named_parameters()
+                     if cfg.align_freeze == "lm" and n.removeprefix("module.").startswith("language_model.")]
         phases.append(Phase("align", align_data, cfg.align_start, cfg.align_start + cfg.align_steps, lm_params))
     distill_objective = None
     if cfg.teacher:  # codistillation: the teacher's distribution joins the data's labels (validation stays CE)
