@@ -56,12 +56,14 @@ class Rollout:
     rewards: list = field(default_factory=list)  # filled by the learner's scoring
 
 
-GenerateFn = Callable[[list[int], int], Awaitable[tuple[list[Completion], int]]]
+GenerateFn = Callable[..., Awaitable[tuple[list[Completion], int]]]  # (prompt ids, n, pixel_values=None)
 
 
-async def rollout(generate: GenerateFn, prompt_index: int, prompt_ids: list[int], n: int, worker: int = 0) -> Rollout:
-    """Sample one group through any `generate` callable."""
-    completions, version = await generate(prompt_ids, n)
+async def rollout(generate: GenerateFn, prompt_index: int, prompt_ids: list[int], n: int, worker: int = 0,
+                  pixel_values: torch.Tensor | None = None) -> Rollout:
+    """Sample one group through any `generate` callable (pixel_values: the prompt's image tiles)."""
+    completions, version = await (generate(prompt_ids, n) if pixel_values is None
+                                  else generate(prompt_ids, n, pixel_values=pixel_values))
     return Rollout(prompt_index, list(prompt_ids), completions, version, worker)
 
 
@@ -87,17 +89,21 @@ class RolloutWorker:
             self.version = version
         return self.version
 
-    async def generate(self, prompt_ids: list[int], n: int) -> tuple[list[Completion], int]:
-        """n completions of one prompt, decoded together → (completions, policy version)."""
+    async def generate(self, prompt_ids: list[int], n: int,
+                       pixel_values: torch.Tensor | None = None) -> tuple[list[Completion], int]:
+        """n completions of one prompt, decoded together → (completions, policy version).
+        pixel_values [n_tiles, 3, S, S]: the prompt's images, encoded once and shared by the n."""
         from herd.inference import Engine, SamplingParams
 
         version = self.version
         engine = Engine(self.model, max_batch=min(self.max_batch, n), tokenizer=None,
                         max_seq_len=len(prompt_ids) + self.max_new_tokens + 1)
+        with torch.no_grad():
+            features = self.model.encode_images(pixel_values) if pixel_values is not None else None  # [n·t, H]
         for i in range(n):
             engine.add(prompt_ids, SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
                                                   top_k=self.top_k, top_p=self.top_p, logprobs=0,
-                                                  seed=self.rng.getrandbits(62)), seq_id=i)
+                                                  seed=self.rng.getrandbits(62)), image_features=features, seq_id=i)
         toks, lps, reasons = [[] for _ in range(n)], [[] for _ in range(n)], [None] * n
         with torch.no_grad():
             for ev in engine.run():
@@ -112,9 +118,10 @@ class RolloutWorker:
             out.append(Completion(t, lp, self.tokenizer.decode(text_ids), reason or "length"))
         return out, version
 
-    def rollout(self, prompt_index: int, prompt_ids: list[int], n: int) -> Rollout:
+    def rollout(self, prompt_index: int, prompt_ids: list[int], n: int,
+                pixel_values: torch.Tensor | None = None) -> Rollout:
         """The synchronous entry point (what a Ray actor method calls)."""
-        return asyncio.run(rollout(self.generate, prompt_index, prompt_ids, n, self.worker_id))
+        return asyncio.run(rollout(self.generate, prompt_index, prompt_ids, n, self.worker_id, pixel_values))
 
 
 class StalenessBuffer:
@@ -166,8 +173,8 @@ class LocalRollouts:
     def publish(self, state_dict: dict, version: int) -> None:
         self.worker.set_weights({k: v.detach().clone() for k, v in state_dict.items()}, version)
 
-    def submit(self, prompt_index: int, prompt_ids: list[int], n: int) -> None:
-        self.done.append(self.worker.rollout(prompt_index, prompt_ids, n))
+    def submit(self, prompt_index: int, prompt_ids: list[int], n: int, pixel_values=None) -> None:
+        self.done.append(self.worker.rollout(prompt_index, prompt_ids, n, pixel_values))
 
     def in_flight(self) -> int:
         return len(self.done)

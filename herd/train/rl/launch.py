@@ -1,28 +1,42 @@
-"""Ray launcher for `herd rl`: rollout workers as Ray actors, weights through Ray's object store.
+"""Ray launcher for `herd rl`: the rollout workers and the learner are Ray actors; weights travel
+through Ray's object store.
 
-The only module that imports Ray. The worker is herd.train.rl.actor.RolloutWorker unchanged,
-wrapped in a Ray actor; the learner is the process that runs the shared loop (this one, on the
-driver: it owns the run directory, checkpoints and the progress bar). Per update:
+The only module that imports Ray. The worker is herd.train.rl.actor.RolloutWorker unchanged and
+the learner is herd.train.rl.learner.train unchanged, each wrapped in a thin Ray actor (torchtitan's
+experiments/rl layout: plain classes tested in one process, Ray in one launcher). Topology:
 
-    ref = ray.put(state_dict)                    # one copy in the object store, version = steps
-    worker.set_weights.remote(ref, version)      # each worker; actor calls run in order, so the
-                                                 # switch happens between two rollout requests
-    worker.rollout.remote(prompt_index, ids, G)  # → Rollout(version=the weights it ran on)
+    driver (herd rl)          starts or joins Ray, creates the actors, draws the progress bar
+      ├─ RayLearner           the shared loop: optimizer, checkpoints, metrics.jsonl, run directory
+      │    per update:  ref = ray.put(state_dict)                 # one copy in the object store
+      │                 worker.set_weights.remote(ref, version)   # actor calls run in order, so the
+      │                                                           # switch happens between requests
+      │                 worker.rollout.remote(index, ids, G, pixel_values) → Rollout(version it ran on)
+      ├─ RayRolloutWorker 0   herd's Engine on its own copy of the policy
+      └─ RayRolloutWorker 1 …
 
 Workers keep generating while the learner trains (up to one batch ahead when max_staleness > 0);
-the learner's StalenessBuffer drops whatever comes back older than the bound.
+the learner's StalenessBuffer drops whatever comes back older than the bound. The learner actor
+is placed on the driver's node (soft affinity), so the run directory it writes is the one the
+driver named; it reports (step, metrics) to the driver, which draws the bar; an error raised in
+it (a bad --tasks, ConstantRewardError) reaches the CLI as the same exception.
 
 Faults: workers are created with `max_restarts=-1`; when one dies (OOM, SIGKILL, a lost node)
 its pending requests fail with a RayActorError, Ray restarts it from its constructor (initial
-weights, version 0), and the backend re-sends the newest weights and the failed requests to it
-while the other workers carry on (`workers/restarts` counts these). A local run starts Ray on
-this machine's cores without the dashboard; `--ray-address` joins an existing cluster and the
-same code runs there (workers may then sit on other machines: they load --init themselves, so
-the directory must be reachable there).
+weights, version 0), and the learner re-sends the newest weights and the failed requests to it
+while the other workers carry on (`workers/restarts` counts these). The learner is not restarted
+(`max_restarts=0`): the run stops and `--resume` continues from its last crash-safe checkpoint.
+A local run starts Ray on this machine's cores without the dashboard; `--ray-address` joins an
+existing cluster and the same code runs there (workers may then sit on other machines: they load
+--init themselves, so the directory must be reachable there).
+
+Not here (no GPU on this machine to test it): weight sync by a torch.distributed (NCCL) broadcast
+group and an FSDP2-sharded learner across GPUs. On CPU the object store is the transport, and
+`--workers` actors each hold a full copy of the policy.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -48,13 +62,41 @@ def _worker_class():
         def set_weights(self, state_dict, version: int) -> int:
             return self.worker.set_weights(state_dict, version)
 
-        def rollout(self, prompt_index: int, prompt_ids: list[int], n: int) -> Rollout:
-            return self.worker.rollout(prompt_index, prompt_ids, n)
+        def rollout(self, prompt_index: int, prompt_ids: list[int], n: int, pixel_values=None) -> Rollout:
+            return self.worker.rollout(prompt_index, prompt_ids, n, pixel_values)
 
         def pid(self) -> int:
             return os.getpid()
 
     return RayRolloutWorker
+
+
+def _learner_class():
+    import ray
+
+    # max_concurrency=2: `progress` answers while `run` trains (run holds one thread, progress the other)
+    @ray.remote(max_restarts=0, max_concurrency=2)
+    class RayLearner:
+        def __init__(self):
+            self.step, self.stats = 0, {}
+
+        def run(self, cfg, workers: list) -> dict:
+            from herd.train.rl.learner import train
+
+            torch.set_num_threads(cfg.threads or 1)
+
+            def on_step(step, stats):
+                self.step, self.stats = step, stats
+
+            return train(cfg, backend_factory=lambda cfg: RayRollouts(workers), on_step=on_step)
+
+        def progress(self) -> tuple[int, dict]:
+            return self.step, self.stats
+
+        def pid(self) -> int:
+            return os.getpid()
+
+    return RayLearner
 
 
 class RayRollouts:
@@ -77,11 +119,11 @@ class RayRollouts:
     def _send(self, w: int, request: tuple) -> None:
         self.pending[self.workers[w].rollout.remote(*request)] = (w, request)
 
-    def submit(self, prompt_index: int, prompt_ids: list[int], n: int) -> None:
+    def submit(self, prompt_index: int, prompt_ids: list[int], n: int, pixel_values=None) -> None:
         load = [0] * len(self.workers)
         for w, _ in self.pending.values():
             load[w] += 1
-        self._send(min(range(len(self.workers)), key=load.__getitem__), (prompt_index, prompt_ids, n))
+        self._send(min(range(len(self.workers)), key=load.__getitem__), (prompt_index, prompt_ids, n, pixel_values))
 
     def in_flight(self) -> int:
         return len(self.pending)
@@ -125,28 +167,71 @@ def start_ray(address: str | None, num_cpus: int | None = None, object_store_mem
                  object_store_memory=object_store_memory or 256 * 1024 * 1024)
 
 
-def make_workers(cfg, n: int) -> list:
+def cpu_share(n_workers: int) -> float:
+    """CPUs per actor: the cluster's CPUs split evenly between the workers and the learner."""
+    import ray
+
+    return max(1.0, float(ray.available_resources().get("CPU", 1))) / (n_workers + 1)
+
+
+def make_workers(cfg, n: int, cpus: float | None = None) -> list:
     cls = _worker_class()
     import ray
 
-    cpus = max(1.0, float(ray.available_resources().get("CPU", 1))) / (n + 1)  # learner gets a share too
+    cpus = cpus or cpu_share(n)
     workers = [cls.options(num_cpus=cpus).remote(cfg.init, cfg.max_new_tokens, cfg.temperature, cfg.seed, i)
                for i in range(n)]
     ray.get([w.pid.remote() for w in workers])  # wait until each has loaded its model (not counted as training)
     return workers
 
 
-def launch(cfg) -> dict:
-    """`herd rl` with --workers N ≥ 1: Ray workers + the learner here. Ray is shut down on exit if
-    this call started it."""
+def make_learner(cpus: float):
+    """The learner actor, on the driver's node (soft: elsewhere if that node has no room)."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from herd.train.rl.learner import train
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return _learner_class().options(num_cpus=cpus, scheduling_strategy=here).remote()
+
+
+def run_learner(cfg, learner, workers: list, poll_s: float = 0.5) -> dict:
+    """Run the learner actor to the end, drawing the progress bar here from its reports."""
+    import ray
+    from ray.exceptions import RayTaskError
+
+    done = learner.run.remote(dataclasses.replace(cfg, progress=False), workers)
+    bar = None
+    if cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.max_steps, desc="rl", unit="step", dynamic_ncols=True)
+    try:
+        while not ray.wait([done], timeout=poll_s)[0]:
+            if bar is not None:
+                step, s = ray.get(learner.progress.remote())
+                if step and s:
+                    bar.n = step
+                    bar.set_postfix(reward=f"{s['reward']:.3f}", samples_s=f"{s['samples_per_s']:.1f}",
+                                    staleness=f"{s['staleness/mean']:.2f}", hard=int(s["pool/hard"]))
+        return ray.get(done)
+    except RayTaskError as e:  # the learner's own exception (ValueError → the CLI's one-line exit 2)
+        raise (e.cause if isinstance(e.cause, Exception) else e) from None
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def launch(cfg) -> dict:
+    """`herd rl` with --workers N ≥ 1: N rollout-worker actors and a learner actor. Ray is shut down
+    on exit if this call started it."""
+    import ray
 
     started = not ray.is_initialized()
     start_ray(cfg.ray_address)
     try:
-        return train(cfg, backend_factory=lambda cfg: RayRollouts(make_workers(cfg, cfg.workers)))
+        cpus = cpu_share(cfg.workers)  # before the actors take theirs
+        workers = make_workers(cfg, cfg.workers, cpus)
+        return run_learner(cfg, make_learner(cpus), workers)
     finally:
         if started:
             ray.shutdown()

@@ -54,7 +54,8 @@ class RLConfig(LoopConfig):
     init: str = field(default="", metadata={"help": "model directory to start from (an SFT run's --out)"})
     tasks: str = field(default="chain_sum", metadata={
         "help": "comma-separated verifiable chat tasks (chain_sum, spell_backward, letter_counting, calculator, "
-                "code_qa) or a messages JSONL with verifier columns (herd data sft's train.jsonl)"})
+                "code_qa, digits_vqa: 1–5 digit images per prompt, needs a vision model) or a messages JSONL "
+                "with verifier columns (herd data sft's train.jsonl)"})
     out: str = field(default="runs/rl", metadata={"help": "run directory"})
     max_steps: int = field(default=50, metadata={"help": "learner steps (one optimizer step each)"})
     lr: float = field(default=1e-4, metadata={"help": "learning rate"})
@@ -154,10 +155,11 @@ def load_items(tasks: str, per_task: int = 300, seed: int = 0) -> tuple[list[dic
         builders = {**{n: (lambda n=n: chat_data.reasoning_gym_examples(n, per_task, seed))
                        for n in chat_data.RG_TASKS},
                     "calculator": lambda: chat_data.calculator_examples(per_task, seed),
+                    "digits_vqa": lambda: chat_data.digits_vqa_examples(per_task, seed),
                     "code_qa": lambda: chat_data.code_qa_examples(per_task, seed)}
         bad = [n for n in names if n not in builders]
         if bad or not names:
-            raise ValueError(f"--tasks: {', '.join(bad) or '(none)'} not a verifiable text task; "
+            raise ValueError(f"--tasks: {', '.join(bad) or '(none)'} not a verifiable task; "
                              f"known: {', '.join(builders)} (or a messages JSONL)")
         train, val = [], []
         for n in names:
@@ -167,24 +169,46 @@ def load_items(tasks: str, per_task: int = 300, seed: int = 0) -> tuple[list[dic
 
     def usable(ex):
         msgs = ex.get("messages") or []
-        text_only = all(isinstance(m.get("content"), str) or m.get("content") is None for m in msgs)
-        return ex.get("verifier") and msgs and msgs[-1].get("role") == "assistant" and text_only
+        return ex.get("verifier") and msgs and msgs[-1].get("role") == "assistant"
 
     train, val = [e for e in train if usable(e)], [e for e in val if usable(e)]
     if not train:
-        raise ValueError(f"--tasks {tasks}: no text prompts with a verifier to train on")
+        raise ValueError(f"--tasks {tasks}: no prompts with a verifier to train on")
     return train, val
 
 
-def prompt_ids(tokenizer, item: dict, vision_config=None) -> list[int]:
+def has_images(item: dict) -> bool:
+    return any(isinstance(m.get("content"), list) and any(p.get("type") in ("image", "image_url")
+                                                          for p in m["content"]) for m in item["messages"])
+
+
+def check_vision(items: list[dict], vision_config) -> None:
+    if vision_config is None and any(has_images(it) for it in items):
+        raise ValueError("--tasks has prompts with images (digits_vqa) but --init is a text-only model "
+                         "(no vision_config): start from a vision model")
+
+
+def prompt_inputs(tokenizer, item: dict, vision_config=None) -> tuple[list[int], torch.Tensor | None]:
+    """The prompt (every message but the reference reply) → (token ids, its images' tiles
+    [n_tiles, 3, S, S] in order of appearance, or None for a text prompt)."""
     from herd.chat import encode_messages
 
-    ids, _ = encode_messages(tokenizer, item["messages"][:-1], vision_config=vision_config)
-    return ids
+    ids, tiles = encode_messages(tokenizer, item["messages"][:-1], vision_config=vision_config)
+    return ids, (torch.cat(tiles) if tiles else None)
+
+
+def prompt_ids(tokenizer, item: dict, vision_config=None) -> list[int]:
+    return prompt_inputs(tokenizer, item, vision_config)[0]
 
 
 def prompt_text(item: dict) -> str:
-    return item["messages"][-2]["content"] if len(item["messages"]) >= 2 else ""
+    """The last prompt message's text (the text parts of a multimodal message) for reward functions."""
+    if len(item["messages"]) < 2:
+        return ""
+    content = item["messages"][-2]["content"]
+    if isinstance(content, list):
+        return " ".join(p.get("text", "") for p in content if p.get("type") == "text")
+    return content or ""
 
 
 # ----- the batch ----------------------------------------------------------------------------------
@@ -196,11 +220,16 @@ class RLBatch:
     old_logps: torch.Tensor   # [B, L] behaviour log-probs of the targets (0 off the mask)
     advantages: torch.Tensor  # [B]
     stats: dict               # this step's per-step metrics (reward, pool counts, …)
+    pixel_values: torch.Tensor | None = None  # [n_tiles, 3, S, S]: every row's prompt images, row by row
 
 
-def collate(groups: list[Rollout], advantages: list[torch.Tensor], pad_id: int, stats: dict) -> RLBatch:
-    rows = [(g.prompt_ids, c, float(a)) for g, adv in zip(groups, advantages)
-            for c, a in zip([c for c, r in zip(g.completions, g.rewards) if r is not None], adv)]
+def collate(groups: list[Rollout], advantages: list[torch.Tensor], pad_id: int, stats: dict,
+            images: list[torch.Tensor | None] | None = None) -> RLBatch:
+    """Groups → one right-padded batch. images[g]: group g's prompt tiles (repeated for each of its rows)."""
+    images = images or [None] * len(groups)
+    kept = [[c for c, r in zip(g.completions, g.rewards) if r is not None] for g in groups]
+    rows = [(g.prompt_ids, c, float(a)) for g, cs, adv in zip(groups, kept, advantages) for c, a in zip(cs, adv)]
+    tiles = [img for img, cs, adv in zip(images, kept, advantages) if img is not None for _ in zip(cs, adv)]
     if not rows:
         z = torch.zeros(0, 1)
         return RLBatch(z.long(), z.long(), z, z, torch.zeros(0), stats)
@@ -216,7 +245,8 @@ def collate(groups: list[Rollout], advantages: list[torch.Tensor], pad_id: int, 
         start = len(p) - 1  # position whose target is the first completion token
         mask[i, start:start + len(c.token_ids)] = 1
         old[i, start:start + len(c.token_ids)] = torch.tensor(c.logprobs)
-    return RLBatch(ids, tgt, mask, old, torch.tensor([a for _, _, a in rows]), stats)
+    return RLBatch(ids, tgt, mask, old, torch.tensor([a for _, _, a in rows]), stats,
+                   torch.cat(tiles) if tiles else None)
 
 
 class GRPOObjective:
@@ -231,7 +261,7 @@ class GRPOObjective:
     @staticmethod
     def token_logps(model, batch: RLBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(log-probs of the targets [B, L], entropy of each position's distribution [B, L])."""
-        logits = model(batch.input_ids).float()                       # [B, L, V]
+        logits = model(batch.input_ids, batch.pixel_values).float()   # [B, L, V]
         logp_all = torch.log_softmax(logits, -1)
         logps = logp_all.gather(-1, batch.targets[..., None])[..., 0]
         entropy = -(logp_all.exp() * logp_all).sum(-1)
@@ -264,6 +294,7 @@ class RolloutSource:
         self.cfg, self.model, self.tokenizer, self.items, self.backend = cfg, model, tokenizer, items, backend
         self.pad_id = pad_id
         self.vision = model.config.vision
+        check_vision(items, self.vision)
         self.pool = PromptPool(len(items), tau=cfg.tau, seed=cfg.seed)
         self.buffer = StalenessBuffer(cfg.max_staleness, capacity=4 * cfg.prompts_per_step + 64)
         self.reward_weights = parse_rewards(cfg.rewards)
@@ -274,7 +305,9 @@ class RolloutSource:
         self.in_flight: set[int] = set()
         self.totals = {"samples": 0, "reward_errors": 0, "stale_dropped": 0}
         self._ids: dict[int, list[int]] = {}
+        self._tiles: dict[int, torch.Tensor] = {}  # prompt index → its images' tiles (prompts with images)
         self.t0 = time.perf_counter()
+        self.on_step = None  # called as on_step(step, stats) after each batch (the Ray learner's progress)
         self.progress = None
         if cfg.progress:
             from tqdm import tqdm
@@ -287,7 +320,9 @@ class RolloutSource:
     # --- pieces
     def _ids_of(self, i: int) -> list[int]:
         if i not in self._ids:
-            self._ids[i] = prompt_ids(self.tokenizer, self.items[i], self.vision)
+            self._ids[i], tiles = prompt_inputs(self.tokenizer, self.items[i], self.vision)
+            if tiles is not None:
+                self._tiles[i] = tiles
         return self._ids[i]
 
     def _draw(self, n: int, exclude: set[int]) -> list[int]:
@@ -301,7 +336,8 @@ class RolloutSource:
         picked = self._draw(n, self.in_flight | used) if n > 0 else []
         for i in picked:
             self.in_flight.add(i)
-            self.backend.submit(i, self._ids_of(i), self.cfg.group_size)
+            ids = self._ids_of(i)
+            self.backend.submit(i, ids, self.cfg.group_size, pixel_values=self._tiles.get(i))
         return len(picked)
 
     def _score(self, r: Rollout) -> dict:
@@ -379,7 +415,7 @@ class RolloutSource:
                             self.buffer.dropped_stale - stale_before)
         self.step += 1
         self._progress(stats)
-        return collate(kept, advs, self.pad_id, stats)
+        return collate(kept, advs, self.pad_id, stats, [self._tiles.get(r.prompt_index) for r in kept])
 
     def _stats(self, version, kept, scored, per_fn_all, errors, zero_adv, stale) -> dict:
         rewards = [x for r in scored for x in r.rewards if x is not None]
@@ -400,10 +436,13 @@ class RolloutSource:
                  "groups/zero_adv_dropped": float(zero_adv), "samples/stale_dropped": float(stale),
                  "staleness/mean": mean(lag), "staleness/max": float(max(lag, default=0)),
                  "samples_per_s": self.totals["samples"] / max(time.perf_counter() - self.t0, 1e-9),
+                 "workers/restarts": float(getattr(self.backend, "restarts", 0)),
                  **{f"pool/{k}": float(v) for k, v in self.pool.counts().items()}}
         return {k: (v if math.isfinite(v) else 0.0) for k, v in stats.items()}
 
     def _progress(self, stats: dict) -> None:
+        if self.on_step is not None:
+            self.on_step(self.step, stats)
         if self.progress is not None:
             self.progress.update(1)
             self.progress.set_postfix(reward=f"{stats['reward']:.3f}", samples_s=f"{stats['samples_per_s']:.1f}",
@@ -441,8 +480,11 @@ def heldout_reward(items: list[dict], tokenizer, cfg: RLConfig):
         from herd.inference import generate
 
         vision = model.config.vision
-        prompts = [prompt_ids(tokenizer, it, vision) for it in items]
-        outs = generate(model, prompts, max_new_tokens=cfg.max_new_tokens, temperature=0.0)
+        inputs = [prompt_inputs(tokenizer, it, vision) for it in items]
+        prompts = [ids for ids, _ in inputs]
+        images = [tiles for _, tiles in inputs]
+        outs = generate(model, prompts, max_new_tokens=cfg.max_new_tokens, temperature=0.0,
+                        pixel_values=images if any(t is not None for t in images) else None)
         eos = set(model.config.text.eos_token_ids)
         texts = [tokenizer.decode([t for t in o if t not in eos]) for o in outs]
         cols = {k: [it.get(k) for it in items] for k in ("answer", "verifier", "entry", "task", "id")}
@@ -484,9 +526,10 @@ def plot_rl(metrics_path: Path, png: Path, title: str = "") -> None:
 
 
 # ----- the stage ----------------------------------------------------------------------------------
-def train(cfg: RLConfig, backend_factory=None) -> dict:
+def train(cfg: RLConfig, backend_factory=None, on_step=None) -> dict:
     """Run (or resume) an RL run. backend_factory(cfg) → a rollout backend (default: one in-process
-    worker, `LocalRollouts`); herd.train.rl.launch passes Ray's. Returns the summary."""
+    worker, `LocalRollouts`); herd.train.rl.launch's learner actor passes Ray's. on_step(step, stats)
+    is called after each batch is drawn. Returns the summary."""
     from herd.train import distributed
     from herd.train.loop import build_optimizer, init_from, run
     from herd.train.rl.actor import LocalRollouts, RolloutWorker
@@ -505,7 +548,9 @@ def train(cfg: RLConfig, backend_factory=None) -> dict:
                                                temperature=cfg.temperature, seed=cfg.seed))
     ref_model = init_from(cfg.init)[0].eval().requires_grad_(False) if cfg.beta > 0 else None
     pad = tokenizer.special_tokens.get("<|finetune_right_pad|>", tokenizer.special_tokens["<|eot|>"])
+    check_vision(train_items + val_items, model.config.vision)
     source = RolloutSource(cfg, model, tokenizer, train_items, backend_factory(cfg), pad)
+    source.on_step = on_step
     model, optimizer = build_optimizer(model, cfg, env, verbose=False)
     loop_cfg = dataclasses.replace(cfg, progress=False)  # the source draws the bar (reward, samples/s, staleness)
     summary = {"prompts": len(train_items), "heldout_prompts": min(len(val_items), cfg.eval_prompts)}

@@ -1,20 +1,23 @@
-"""A 2-worker Ray run of the tiny model end to end, with one worker killed mid-run and replaced."""
+"""Ray topology end to end on the tiny model: the learner and 2 rollout workers are Ray actors,
+weights go through the object store, a worker killed mid-run is replaced, the learner's errors
+reach the caller as themselves."""
 
 from __future__ import annotations
 
 import json
+import os
+import threading
 import warnings
 
 import pytest
 
 ray = pytest.importorskip("ray")
 
-from herd.train.rl.launch import RayRollouts, make_workers  # noqa: E402
-from herd.train.rl.learner import train  # noqa: E402
+from herd.train.rl.launch import cpu_share, make_learner, make_workers, run_learner  # noqa: E402
 from tests.train.rl.conftest import tiny_cfg  # noqa: E402
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_local():
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 1024 * 1024, log_to_driver=False,
              configure_logging=False)
@@ -22,31 +25,46 @@ def ray_local():
     ray.shutdown()
 
 
-def test_two_ray_workers_end_to_end_and_a_killed_worker_is_replaced(rl_model, tmp_path, ray_local):
+def test_learner_and_two_workers_as_ray_actors_and_a_killed_worker_is_replaced(rl_model, tmp_path, ray_local):
     out = tmp_path / "ray"
-    cfg = tiny_cfg(rl_model, out, workers=2, max_staleness=1, max_steps=4, eval_every=4)
-    made = {}
+    cfg = tiny_cfg(rl_model, out, workers=2, max_staleness=1, max_steps=6, eval_every=6)
+    cpus = cpu_share(2)
+    workers = make_workers(cfg, 2, cpus)
+    learner = make_learner(cpus)
+    seen = {"pid_before": ray.get(workers[0].pid.remote())}
 
-    class KillOnce(RayRollouts):
-        def publish(self, state, version):
-            super().publish(state, version)
-            if version == 2:  # a worker dies mid-run (its in-flight requests fail); Ray restarts it
-                made["pid_before"] = ray.get(self.workers[0].pid.remote())
-                ray.kill(self.workers[0], no_restart=False)
+    def kill_mid_run():  # a worker dies mid-run (its in-flight requests fail); Ray restarts it
+        while ray.get(learner.progress.remote())[0] < 2:
+            threading.Event().wait(0.05)
+        ray.kill(workers[0], no_restart=False)
+        seen["killed_at"] = ray.get(learner.progress.remote())[0]
 
-    def backend(cfg):
-        made["backend"] = KillOnce(make_workers(cfg, cfg.workers))
-        return made["backend"]
-
+    killer = threading.Thread(target=kill_mid_run, daemon=True)
+    killer.start()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        summary = train(cfg, backend_factory=backend)
+        summary = run_learner(cfg, learner, workers, poll_s=0.05)
+    killer.join(timeout=30)
+    assert seen["killed_at"] < 6, "the worker was killed only after the run ended"
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4] and summary["step"] == 4
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and summary["step"] == 6
     assert all(r["staleness/max"] <= 1 for r in rows)
     assert rows[0]["mismatch_kl"] <= 1e-6  # step 1: every sample came from the initial weights
-    workers = made["backend"].workers
+    assert (out / "model.safetensors").exists() and (out / "checkpoints").is_dir()  # written by the learner actor
+    assert ray.get(learner.pid.remote()) != os.getpid()  # the learner trained in its own process
     pid_after = ray.get(workers[0].pid.remote(), timeout=60)
-    assert pid_after != made["pid_before"]  # the killed worker was replaced by a new process
-    # and it serves the newest weights (version 3: published before step 4), not its initial ones
-    assert ray.get(workers[0].set_weights.remote({}, -1)) == 3
+    assert pid_after != seen["pid_before"]  # the killed worker was replaced by a new process
+    # and it holds the newest weights (version 5: published before step 6) from the object store
+    assert ray.get(workers[0].set_weights.remote({}, -1)) == 5
+    assert ray.get(workers[1].set_weights.remote({}, -1)) == 5
+    for actor in (learner, *workers):  # free their CPUs for the next test
+        ray.kill(actor, no_restart=True)
+
+
+def test_an_error_in_the_learner_actor_reaches_the_caller_as_itself(rl_model, tmp_path, ray_local):
+    cfg = tiny_cfg(rl_model, tmp_path / "bad", workers=1, tasks="digits_vqa")  # images, text-only model
+    workers, learner = make_workers(cfg, 1, 0.5), make_learner(0.5)
+    with pytest.raises(ValueError, match="text-only"):
+        run_learner(cfg, learner, workers, poll_s=0.05)
+    for actor in (learner, *workers):
+        ray.kill(actor, no_restart=True)

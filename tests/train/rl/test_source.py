@@ -25,7 +25,7 @@ class Scripted:
         self.version = version
         self.published.append(version)
 
-    def submit(self, i, ids, n):
+    def submit(self, i, ids, n, pixel_values=None):
         self.submitted.append(i)
         texts = self.outcomes[i][:n]
         comps = [Completion([7, 8, 9][: 1 + k % 3], [-0.5] * (1 + k % 3), t, "stop") for k, t in enumerate(texts)]
