@@ -65,6 +65,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="runs/posttrain_vs_trl")
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="torch.profiler tables of 3 steps of each side "
+                                                           "(OUT/profile_*.txt) instead of timing")
     args = ap.parse_args()
     if args.smoke:
         args.steps, args.batch = 2, 4
@@ -166,6 +168,17 @@ def main() -> int:
     steps = {"herd_sft": herd_sft_step, "trl_sft": trl_sft_step, "herd_dpo": herd_dpo_step, "trl_dpo": trl_dpo_step}
     for name, fn in steps.items():  # warm-up
         fn()
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        for name, fn in steps.items():
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(3):
+                    fn()
+            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+            (root / f"profile_{name}.txt").write_text(table)
+            print(f"----- {name} (3 steps)\n{table}")
+        return 0
     for _ in range(args.steps):
         for name, fn in steps.items():
             t0 = time.perf_counter()

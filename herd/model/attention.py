@@ -54,9 +54,9 @@ def chunked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     Chunks are folded into the batch: [B, h, n·chunk, D] → [B·n, h, chunk, D].
     """
     B, h, T, D = q.shape
-    lead = (chunk - start % chunk) % chunk  # tokens before the first chunk boundary
-    if lead >= T:  # the whole input sits inside one chunk
+    if start % chunk + T <= chunk:  # the whole input sits inside one chunk (no padding to the chunk size)
         return causal_attention(q, k, v)
+    lead = (chunk - start % chunk) % chunk  # tokens before the first chunk boundary
     parts = []
     if lead:
         parts.append(causal_attention(q[:, :, :lead], k[:, :, :lead], v[:, :, :lead]))

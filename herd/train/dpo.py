@@ -12,7 +12,8 @@ against a frozen reference π_ref (the starting model):
 `preference_loss` is exactly that, a pure function of four log-prob vectors (like
 eric-mitchell/direct-preference-optimization's trainers.py), tested against TRL's DPOTrainer.
 log π(y|x) sums the completion tokens' log-probs; chosen and rejected rows of a batch run in one
-forward ([chosen; rejected], TRL's layout). `--sft-coef c` adds c × the mean token NLL of the
+forward ([chosen; rejected], TRL's layout), and only the hidden states that predict completion
+tokens go through the LM head (`completion_logps_from_hidden`): no [2b, T, vocab] logits. `--sft-coef c` adds c × the mean token NLL of the
 chosen answer (TRL's rpo_alpha), against the failure where both log-probs fall.
 
 Reference log-probs are computed once, before training, with the starting model in eval mode,
@@ -80,6 +81,21 @@ def completion_logps(logits: torch.Tensor, input_ids: torch.Tensor, completion_m
     mask = completion_mask[:, 1:].bool()
     tok = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [N, T-1]
     return (tok * mask).sum(-1), mask.sum(-1)
+
+
+def completion_logps_from_hidden(h: torch.Tensor, weight: torch.Tensor, input_ids: torch.Tensor,
+                                 completion_mask: torch.Tensor):
+    """completion_logps without the full logits: only the hidden states that predict a completion
+    token go through the LM head. h [N, T, H] (the model's normed hidden states), weight [V, H],
+    ids/mask [N, T] → (sums [N], token counts [N]); float32. Prompt and padding positions — most of
+    a preference row — never meet the [*, vocab] product (a `Llama4.forward(apply_head=...)` head)."""
+    sel = completion_mask[:, 1:].bool()  # [N, T-1]: position t predicts completion token t+1
+    logits = F.linear(h[:, :-1][sel], weight)  # [n, V], n = completion tokens of all rows
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    tok = logp.gather(-1, input_ids[:, 1:][sel].unsqueeze(-1)).squeeze(-1)  # [n]
+    rows = sel.nonzero()[:, 0]
+    sums = torch.zeros(sel.shape[0], dtype=tok.dtype, device=tok.device).index_add(0, rows, tok)
+    return sums, sel.sum(-1)
 
 
 # ----- data ----------------------------------------------------------------------------------------
@@ -275,10 +291,10 @@ def compute_ref_logps(model, pairs: list[Pair], pad_id: int, device, bf16: bool,
         it = tqdm(it, desc="dpo: reference log-probs", unit="batch", dynamic_ncols=True)
     for i in it:
         b = collate(pairs[i:i + batch_size], pad_id)
+        ids, cmask = b.input_ids.to(device), b.completion_mask.to(device)
         with autocast(bf16, device):
-            logits = model(b.input_ids.to(device), pixel_values=None if b.pixel_values is None
-                           else b.pixel_values.to(device))
-        sums, _ = completion_logps(logits, b.input_ids.to(device), b.completion_mask.to(device))
+            sums, _ = model(ids, pixel_values=None if b.pixel_values is None else b.pixel_values.to(device),
+                            apply_head=lambda h, w: completion_logps_from_hidden(h, w, ids, cmask))
         n = len(b.index)
         out.append(torch.stack([sums[:n], sums[n:]], dim=1).cpu())
     model.train()
@@ -326,10 +342,11 @@ class DPOLoss:
             row[0, :n] = cfg.image_token_index
             ids_x = torch.cat([F.pad(ids, (0, row.shape[1] - T)), row])
             blank = torch.zeros((1, 3, cfg.vision.image_size, cfg.vision.image_size), device=d)
-            logits = model(ids_x, pixel_values=blank)[:-1, :T]
-        else:
-            logits = model(ids, pixel_values=px)  # [2b, T, V]: chosen rows, then rejected rows
-        sums, counts = completion_logps(logits, ids, cmask)
+            sums, counts = model(ids_x, pixel_values=blank, apply_head=lambda h, w: completion_logps_from_hidden(
+                h[:-1, :T], w, ids, cmask))
+        else:  # one forward over [2b, T]: chosen rows, then rejected rows; the head on completion tokens only
+            sums, counts = model(ids, pixel_values=px,
+                                 apply_head=lambda h, w: completion_logps_from_hidden(h, w, ids, cmask))
         b = len(batch.index)
         pc, pr = sums[:b], sums[b:]
         losses, rc, rr = preference_loss(pc, pr, batch.ref_chosen.to(d, torch.float32),

@@ -39,6 +39,7 @@ from typing import Literal
 
 import torch
 
+from herd.model.loss import linear_cross_entropy
 from herd.train import distributed
 from herd.train.chat_rows import IGNORE, BadLines, PackedBatch, PackedChat, fixed_batches, load_examples
 from herd.train.loop import LoopConfig, build_optimizer, init_from, run, validation_loss
@@ -88,7 +89,10 @@ class SFTConfig(LoopConfig):
 # ----- the objective -------------------------------------------------------------------------------
 class MaskedNextTokenLoss:
     """SFT's objective: summed next-token cross-entropy on assistant tokens only, each packed
-    example attending only to itself at its own positions.
+    example attending only to itself at its own positions. Only the loss tokens' hidden states go
+    through the LM head (herd.model.loss's fused chunked head + cross-entropy): prompts, headers
+    and padding are most of a chat row, and the [n, vocab] head was ~30% of an fp32 step on all
+    tokens (profile: `python benchmarks/posttrain_vs_trl.py --profile`).
 
     vision_keepalive (model config, set under torchrun): a batch without images gets one extra
     padding row holding one blank tile's <|patch|> tokens (no labels, its own document), so every
@@ -107,7 +111,13 @@ class MaskedNextTokenLoss:
         if px is None and self.keepalive is not None:
             ids, labels, pos, docs, px = _with_blank_image(batch, self.keepalive)
         px = None if px is None else px.to(d)
-        loss = model(ids.to(d), pixel_values=px, position_ids=pos.to(d), document_ids=docs.to(d), labels=labels.to(d))
+        labels = labels.to(d)
+        keep = labels != IGNORE  # [B, T]: the assistant tokens, a fraction of the packed row
+
+        def head(h, weight):  # h [B, T, H] → only the loss tokens' hidden states [n, H] meet the LM head
+            return linear_cross_entropy(h[keep], weight, labels[keep])
+
+        loss = model(ids.to(d), pixel_values=px, position_ids=pos.to(d), document_ids=docs.to(d), apply_head=head)
         return loss, self.tokens(batch), {}
 
 

@@ -133,3 +133,18 @@ def test_packed_documents_see_only_themselves():
         assert (model(packed)[:, 9:] - model(b)).abs().max() > 1e-3  # without ids, b sees a
     with pytest.raises(ValueError, match="document_ids"):
         model(packed, document_ids=doc_ids[:, :5])
+
+
+def test_short_input_inside_one_chunk_is_not_padded_to_the_chunk(monkeypatch):
+    """A row shorter than the chunk (DPO pairs, short SFT rows at position 0) runs SDPA on its own T keys."""
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        seen.append(k.shape[-2])
+        return real(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(A.F, "scaled_dot_product_attention", spy)
+    q = torch.randn(1, 2, 60, 8)
+    A.chunked_causal_attention(q, q, q, 256, 0)
+    assert seen == [60]

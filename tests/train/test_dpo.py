@@ -197,3 +197,27 @@ def test_on_policy_pairs_pair_a_verified_answer_with_a_wrong_one(text_model, tmp
         row = next(r for r in rows if r["id"] == p["id"])
         assert verify(row, p["chosen"][0]["content"]) == 1.0 and verify(row, p["rejected"][0]["content"]) == 0.0
     assert len(load_pairs(tmp_path / "out" / "pairs.jsonl", tok, None, 256, BadLines(False))) == len(pairs)
+
+
+def test_head_on_completion_tokens_only_equals_full_logits():
+    """completion_logps_from_hidden (the LM head on completion positions only) = completion_logps on
+    the full [N, T, V] logits, values and gradients."""
+    from herd.train.dpo import completion_logps_from_hidden
+
+    g = torch.Generator().manual_seed(0)
+    N, T, H, V = 4, 9, 16, 50
+    h = torch.randn(N, T, H, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(V, H, generator=g, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, V, (N, T), generator=g)
+    mask = torch.zeros(N, T, dtype=torch.long)
+    mask[0, 4:] = 1
+    mask[1, 2:6] = 1
+    mask[3, 8:] = 1  # row 2: no completion tokens
+    ref_sums, ref_n = completion_logps(h @ w.T, ids, mask)
+    sums, n = completion_logps_from_hidden(h, w, ids, mask)
+    assert torch.equal(n, ref_n) and sums[2] == 0
+    torch.testing.assert_close(sums.double(), ref_sums.double(), rtol=1e-6, atol=1e-6)
+    gh_ref, gw_ref = torch.autograd.grad((ref_sums * torch.arange(1.0, N + 1, dtype=ref_sums.dtype)).sum(), (h, w))
+    gh, gw = torch.autograd.grad((sums * torch.arange(1.0, N + 1, dtype=sums.dtype)).sum(), (h, w))
+    torch.testing.assert_close(gh, gh_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gw, gw_ref, rtol=1e-6, atol=1e-6)
