@@ -116,6 +116,8 @@ def main() -> None:
     ap.add_argument("--topk", type=int, default=None, help="--teacher-topk of the (online) distilled arm")
     ap.add_argument("--offline-topk", type=int, default=None, help="also run the offline-targets arm with top-K")
     ap.add_argument("--offline-seeds", type=int, nargs="*", default=[0])
+    ap.add_argument("--arms", nargs="+", default=["alone", "distilled", "alone_matched"],
+                    choices=["alone", "distilled", "alone_matched"], help="which arms to run and tabulate")
     ap.add_argument("--max-docs", type=int, default=None, help="smoke runs: first N documents per source")
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--jobs", type=int, default=1, help="student runs in parallel (each with HERD_THREADS threads)")
@@ -159,7 +161,8 @@ def main() -> None:
     student_tf = 6 * student_active * tokens_per_step * args.steps / 1e12
     teacher_fwd_tf = 2 * teacher["params_active"] * tokens_per_step * args.steps / 1e12
     matched = round(args.steps * (student_tf + teacher_fwd_tf) / student_tf)  # alone, same total compute
-    steps = {"alone": args.steps, "distilled": args.steps, "alone_matched": matched}
+    steps = {name: n for name, n in {"alone": args.steps, "distilled": args.steps, "alone_matched": matched}.items()
+             if name in args.arms}
     dirs = {"alone": "alone", "distilled": "distilled", "alone_matched": f"alone{matched}"}
     distill = dict(teacher=str(tdir), distill_weight=args.weight, distill_temperature=args.temperature,
                    teacher_topk=args.topk)
@@ -213,7 +216,8 @@ def main() -> None:
     alone, dist = summary["alone"], summary["distilled"]
     gain = [a - d for a, d in zip(alone["val_loss"], dist["val_loss"])]
     margin = alone["val_loss_mean"] - dist["val_loss_mean"]
-    matched_margin = summary["alone_matched"]["val_loss_mean"] - dist["val_loss_mean"]
+    matched_margin = summary["alone_matched"]["val_loss_mean"] - dist["val_loss_mean"] if "alone_matched" in summary \
+        else None
     smoke = args.max_docs is not None or len(args.seeds) < 2
     claim = {"name": "the distilled student beats the student trained alone at equal student compute",
              "threshold": "alone val loss − distilled val loss > 0 on every seed and > both arms' seed spreads",

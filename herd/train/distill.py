@@ -433,7 +433,9 @@ def shard_teacher(teacher, env):
         fully_shard(layer, reshard_after_forward=True)
     fully_shard(teacher, reshard_after_forward=True)
     if env.is_main:
-        print(f"teacher sharded with FSDP2 across {env.world} ranks")
+        local = sum(p.to_local().numel() for p in teacher.parameters())
+        total = sum(p.numel() for p in teacher.parameters())
+        print(f"teacher sharded with FSDP2 across {env.world} ranks: rank 0 holds {local} of its {total} parameters")
     return teacher
 
 
