@@ -6,7 +6,11 @@ same model trained without MetaP in the same run. The claim tested: with MetaP t
 the same at every width; without it the best LR drifts (down as width grows).
 
     python benchmarks/metap_transfer.py [--widths 128 256 512] [--lrs 1e-3 3e-3 1e-2 3e-2] [--steps 120]
-Writes OUT/metap_transfer.png and OUT/metap_transfer.json (default OUT: runs/bench_metap).
+Writes OUT/metap_transfer.png and OUT/metap_transfer.json (default OUT: runs/bench_metap), with the
+report card's claim block {"claim": {"pass", "margin", "smoke"}, "commit"}:
+
+    python benchmarks/metap_transfer.py --add-claim benchmarks/results/metap_transfer.json --commit ce6b5df
+                                         # the verdict of a finished sweep, without rerunning it
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import argparse
 import json
 import math
 import multiprocessing
+import subprocess
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -36,6 +41,26 @@ def one_run(out: Path, assets: dict, kw: dict) -> float:
     return float(rows[-1].get("val_loss", float("nan")))
 
 
+def claim(spread: dict) -> dict:
+    """The report card's claim block (herd/evals/report.py CLAIMS): MetaP's best LR is the same at every
+    width (zero spread over the LR grid) while the standard parametrization's drifts.
+    margin = standard's spread − MetaP's, in decades of learning rate."""
+    return {"name": "MetaP: the best learning rate transfers across widths",
+            "threshold": "best LR identical at every width with MetaP, different without",
+            "pass": spread["metap"] == 0 and spread["standard"] > 0,
+            "margin": spread["standard"] - spread["metap"], "smoke": False}
+
+
+def add_claim(path: Path, commit: str | None = None) -> dict:
+    """Add the claim block to an existing metap_transfer.json (its spreads are already in it)."""
+    data = json.loads(path.read_text())
+    data["claim"] = claim(data["spread_decades"])
+    if commit:
+        data.setdefault("commit", commit)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return data
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--widths", type=int, nargs="+", default=[128, 256, 512])
@@ -45,7 +70,12 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--out", default="runs/bench_metap")
     ap.add_argument("--jobs", type=int, default=2, help="runs in parallel (each with cores/jobs threads)")
+    ap.add_argument("--add-claim", metavar="JSON", help="only add the claim block to an existing result file")
+    ap.add_argument("--commit", help="with --add-claim: the commit that produced the file")
     args = ap.parse_args()
+    if args.add_claim:
+        print(json.dumps(add_claim(Path(args.add_claim), args.commit)["claim"]))
+        return
     setup_threads()
     print(f"machine: {machine()}")
     root = Path(args.out)
@@ -81,7 +111,9 @@ def main() -> None:
     print(f"\nbest-LR spread across widths (decades): MetaP {spread['metap']:.2f}, standard {spread['standard']:.2f}")
     (root / "metap_transfer.json").write_text(json.dumps(
         {"results": [{"mode": m, "width": w, "lr": lr, "val_loss": v} for (m, w, lr), v in results.items()],
-         "best_lr": {f"{m}/{w}": b for (m, w), b in best.items()}, "spread_decades": spread}, indent=2))
+         "best_lr": {f"{m}/{w}": b for (m, w), b in best.items()}, "spread_decades": spread, "claim": claim(spread),
+         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                  cwd=Path(__file__).resolve().parent).stdout.strip()}, indent=2))
     plot(results, args, root / "metap_transfer.png")
 
 

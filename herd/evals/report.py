@@ -52,6 +52,8 @@ CLAIMS = [  # (claim, result file in benchmarks/results, what must hold)
     ("Asynchronous RL is faster than synchronous at equal reward", "rl_async_vs_sync.json",
      "wall-clock to the same reward below sync's"),
     ("DPO raises the preference margin", "dpo.json", "held-out rewards/accuracies above 0.5 after DPO"),
+    ("Codistillation: the distilled student beats the student trained alone at equal student compute",
+     "distillation.json", "student val loss below the alone student's at every seed"),
 ]
 
 

@@ -18,7 +18,8 @@ Two scores, each through the same library function the command uses (no second c
 Held out: functions whose "MODULE.NAME" key falls in the test split of the SFT data's split rule
 (herd.data.chat_data.split_of), so the SFT `code_qa` task never asked about them; only names
 defined in one stdlib file are used. The stdlib itself is pre-training text: what is held out is
-the question, not the code. Writes DIR/records.jsonl (one line per question) and DIR/summary.json:
+the question, not the code. Targets are the held-out functions short enough to fit the shorter
+context on their own (in the speedrun's tokenizer, most are). Writes DIR/records.jsonl (one line per question) and DIR/summary.json:
 
     {"model": ..., "ask_repo": {"1024": {"accuracy", "chance", "files", "n"}, ...},
      "summarize": {"rougeL_f1": ..., "n": ...}}
@@ -164,12 +165,23 @@ def score_usecases(model: str, lengths: list[int], limit: int = 20, seed: int = 
     first = load_assistant(model, dtype=dtype, context=max(lengths), max_new_tokens=max_new_tokens)
     if max(lengths) > first.context:
         raise ValueError(f"context {max(lengths)} is longer than the model's {first.context}")
-    targets = held_out_functions(limit, seed)
+    from herd.usecases.ask_repo import SYSTEM, file_block, question_block
+
+    small = Assistant(first.model, first.tokenizer, min(lengths), max_new_tokens)
+
+    def fits(fn: dict) -> bool:  # the target alone must fit the shorter context, with the question
+        q = question_block(QUESTION.format(name=fn["name"]))
+        return small.count(file_block(fn["path"], fn["source"])) + small.count(q) + small.overhead(SYSTEM) + 72 \
+            <= small.prompt_budget
+
+    targets = [f for f in held_out_functions(10**6, seed) if fits(f)][:limit]
+    if not targets:
+        raise ValueError(f"no held-out function fits a context of {min(lengths)} tokens; use longer --lengths")
     distractors = [f for f in _stdlib_functions() if f["name"] not in {t["name"] for t in targets}]
     records = []
     for n in lengths:
         records += score_ask_repo(Assistant(first.model, first.tokenizer, n, max_new_tokens), targets, distractors, seed)
-    docs = held_out_functions(limit, seed, need_doc=True)
+    docs = [f for f in held_out_functions(10**6, seed, need_doc=True) if fits(f)][:limit]
     records += score_summaries(Assistant(first.model, first.tokenizer, max(lengths), max_new_tokens), docs)
     return records
 
