@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.herd-installed
 
-.PHONY: setup oracle train demo test bench clean
+.PHONY: setup oracle train speedrun demo test bench clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,10 @@ oracle:
 TRAIN_ARGS ?= --preset tiny --max-steps 600 --align-start 150 --align-steps 50 --bias-rate 0.01 --out runs/tiny
 train: setup
 	$(VENV)/bin/herd train $(TRAIN_ARGS)
+
+# the whole recipe, tokenizer → pre-train → … → DPO → guards → evals → report card (resumable)
+speedrun: setup
+	$(VENV)/bin/herd speedrun --out runs/speedrun $(SPEEDRUN_ARGS)
 
 demo: setup
 	$(VENV)/bin/herd demo
