@@ -67,6 +67,7 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--profile", action="store_true", help="torch.profiler tables of 3 steps of each side "
                                                            "(OUT/profile_*.txt) instead of timing")
+    ap.add_argument("--profile-steps", default="herd_sft,trl_sft,herd_dpo,trl_dpo", help="which steps --profile profiles")
     args = ap.parse_args()
     if args.smoke:
         args.steps, args.batch = 2, 4
@@ -172,6 +173,8 @@ def main() -> int:
         from torch.profiler import ProfilerActivity, profile
 
         for name, fn in steps.items():
+            if name not in args.profile_steps.split(","):
+                continue
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 for _ in range(3):
                     fn()
