@@ -14,7 +14,7 @@ pairs built from herd's SFT data generators (chain_sum, calculator-style arithme
     objective on those ids with reference log-probs precomputed, as `herd dpo` does; TRL with
     precompute_ref_log_probs=True likewise). Figure: seconds per step.
 
-Both sides: fp32 weights, AdamW, same batch, torch threads = --threads, steps alternate herd/TRL
+Both sides: fp32 weights and math (--bf16: both under bf16 autocast), AdamW, same batch, torch threads = --threads, steps alternate herd/TRL
 so load drifts hit both. Ratios > 1 mean herd is faster. The issue's goal: ≥ 4× each.
 """
 
@@ -65,6 +65,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="runs/posttrain_vs_trl")
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--bf16", action="store_true", help="both sides under bf16 autocast (fp32 weights; herd's "
+                                                        "training default) instead of fp32")
     ap.add_argument("--profile", action="store_true", help="torch.profiler tables of 3 steps of each side "
                                                            "(OUT/profile_*.txt) instead of timing")
     ap.add_argument("--profile-steps", default="herd_sft,trl_sft,herd_dpo,trl_dpo", help="which steps --profile profiles")
@@ -74,6 +76,10 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    import contextlib
+
+    def precision():  # the same for both sides: fp32, or bf16 autocast over fp32 weights
+        return torch.autocast("cpu", dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
     import trl
     from datasets import Dataset
     from transformers import Llama4ForCausalLM, PreTrainedTokenizerFast
@@ -119,14 +125,16 @@ def main() -> int:
     sft_obj = MaskedNextTokenLoss(torch.device("cpu"))
 
     def herd_sft_step():
-        loss, n, _ = sft_obj(model, packed)
+        with precision():
+            loss, n, _ = sft_obj(model, packed)
         (loss / n).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     def trl_sft_step():
         trl_sft.model.train()
-        loss = trl_sft.compute_loss(trl_sft.model, dict(sft_batch))
+        with precision():
+            loss = trl_sft.compute_loss(trl_sft.model, dict(sft_batch))
         loss.backward()
         trl_opt.step()
         trl_opt.zero_grad(set_to_none=True)
@@ -153,14 +161,16 @@ def main() -> int:
     dpo_obj = DPOLoss(torch.device("cpu"))
 
     def herd_dpo_step():
-        loss, n, _ = dpo_obj(model, herd_pairs)
+        with precision():
+            loss, n, _ = dpo_obj(model, herd_pairs)
         (loss / n).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     def trl_dpo_step():
         trl_dpo.model.train()
-        loss = trl_dpo._compute_loss(trl_dpo.model, dict(dpo_batch), return_outputs=False)
+        with precision():
+            loss = trl_dpo._compute_loss(trl_dpo.model, dict(dpo_batch), return_outputs=False)
         loss.backward()
         trl_dpo_opt.step()
         trl_dpo_opt.zero_grad(set_to_none=True)
@@ -188,7 +198,8 @@ def main() -> int:
             fn()
             times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"machine threads {args.threads}, {args.steps} steps each, batch {args.batch}")
+    print(f"machine threads {args.threads}, {args.steps} steps each, batch {args.batch}, "
+          f"{'bf16 autocast' if args.bf16 else 'fp32'} both sides")
     print(f"SFT tokens/s: herd {herd_tokens / med['herd_sft']:,.0f} ({packed.input_ids.shape[0]} packed rows) | "
           f"TRL {trl_tokens / med['trl_sft']:,.0f} ({sft_batch['input_ids'].shape} padded) | "
           f"ratio {herd_tokens / med['herd_sft'] / (trl_tokens / med['trl_sft']):.2f}×")
