@@ -53,3 +53,24 @@ def test_follow_up_turn_hits_the_prefix_cache_and_answers_as_a_cold_server(tiny)
     assert warm_text == cold_text
     for a, b in zip(warm, cold):
         assert a["token"] == b["token"] and a["logprob"] == pytest.approx(b["logprob"], abs=1e-4)
+
+
+def test_one_stream_decodes_on_the_batch1_step_and_many_on_the_batched_forward(tiny):
+    """Concurrency 1 in the server takes the engine's batch-1 decode step (herd.inference.single,
+    native kernels where they load) although the cache has rows for 4; two streams at once decode
+    as one batched forward."""
+    engine = _engine(tiny, 0)
+    assert engine.decoder is not None
+    single = []
+    decoder = engine.decoder
+    engine.decoder = lambda tok, cache: single.append(1) or decoder(tok, cache)  # the engine's own step, counted
+    app = create_app(Settings(model_name="tiny"), engine)
+    body = {"prompt": "Hello world", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    with live_server(app) as url:
+        one = httpx.post(url + "/v1/completions", json=body, timeout=60).json()
+        assert one["usage"]["completion_tokens"] == 6 and len(single) == 5  # every decode step of the lone stream
+        single.clear()
+        two = httpx.post(url + "/v1/completions", json={**body, "n": 2}, timeout=60).json()
+    assert two["usage"]["completion_tokens"] == 12
+    # the rows decode together; one is alone only while the other prefills and after the other ends
+    assert len(single) <= 2
