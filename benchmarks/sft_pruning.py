@@ -133,6 +133,7 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--prune-k", type=int, default=4)
     ap.add_argument("--max-new", type=int, default=24, help="tokens per held-out reply")
     ap.add_argument("--eval-per-task", type=int, default=100)
@@ -143,6 +144,9 @@ def main() -> int:
     ap.add_argument("--result", default=None, help="also write the report-card JSON here "
                                                    "(e.g. benchmarks/results/sft_pruning.json)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--from-partial", action="store_true", help="no training: summarise OUT/per_seed.partial.json "
+                                                                "(the arms an interrupted run finished)")
+    ap.add_argument("--no-base", action="store_true", help="skip evaluating the base model")
     ap.add_argument("--smoke", action="store_true", help="tiny random model, 12 items per task, 2 steps")
     args = ap.parse_args()
     out = Path(args.out if not args.smoke or args.out != "runs/sft_pruning" else "runs/sft_pruning_smoke")
@@ -167,19 +171,21 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     t_all = time.perf_counter()
-    base_eval = evaluate(init, held_out, args.max_new, args.eval_per_task)
-    print(f"base: {json.dumps(base_eval)}", flush=True)
     per_seed: dict[int, dict] = {}
     scores = None
-    for seed in seeds:
-        results = per_seed.setdefault(seed, {})
-        for arm in arms:
+    if args.from_partial:  # summarise the arms an interrupted run finished
+        partial = json.loads((out / "per_seed.partial.json").read_text())
+        per_seed = {int(k): v for k, v in partial.items()}
+        arms = []
+    for arm in arms:  # arm-major: the full / pruned50 pair of every seed comes first
+        for seed in seeds:
+            results = per_seed.setdefault(seed, {})
             prune, mode = ARMS[arm]
             run_dir = out / f"seed{seed}" / arm
             t0 = time.perf_counter()
             summary = sft(SFTConfig(init=str(init), data=str(data / "train.jsonl"), val_data=str(data / "val.jsonl"),
                                     out=str(run_dir), max_steps=args.steps, batch_size=args.batch_size,
-                                    seq_len=args.seq_len, lr=args.lr, prune=prune, prune_mode=mode,
+                                    seq_len=args.seq_len, lr=args.lr, warmup=args.warmup, prune=prune, prune_mode=mode,
                                     prune_k=args.prune_k, prune_scores=scores if mode == "model" else None,
                                     skip_bad=True, seed=seed, progress=not args.smoke, ckpt_every=10**9, keep=1,
                                     eval_every=args.val_every or max(1, args.steps // 4)))
@@ -190,10 +196,13 @@ def main() -> int:
                             "loss_tokens": summary["tokens"], "val_loss": summary.get("val_loss"), "tasks": evals,
                             "accuracy": macro_accuracy(evals), "wall_s": round(time.perf_counter() - t0, 1)}
             print(f"seed {seed} {arm}: {json.dumps(results[arm])}", flush=True)
+            (out / "per_seed.partial.json").write_text(json.dumps(per_seed, indent=2) + "\n")  # survives a kill
+    base_eval = None if args.no_base else evaluate(init, held_out, args.max_new, args.eval_per_task)  # the start
+    print(f"base: {json.dumps(base_eval)}", flush=True)
     agg = summarize(per_seed)
     setup = {"init": str(init), "data": str(data), "steps": args.steps, "batch_size": args.batch_size,
              "seq_len": args.seq_len, "lr": args.lr, "prune_k": args.prune_k, "max_new": args.max_new,
-             "eval_splits": args.eval_splits, "eval_per_task": args.eval_per_task, "seeds": seeds,
+             "eval_splits": args.eval_splits, "eval_per_task": args.eval_per_task, "seeds": sorted(per_seed),
              "threads": torch.get_num_threads(), "wall_s": round(time.perf_counter() - t_all, 1)}
     results = {"setup": setup, "base": base_eval, "summary": agg, "per_seed": {str(k): v for k, v in per_seed.items()}}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -225,6 +234,8 @@ def report_card(agg: dict, results: dict, table: str, smoke: bool) -> dict:
         noise = agg["pruned50"]["accuracy"][1] + agg["full"]["accuracy"][1]
         claim.update({"pass": margin >= 0, "margin": round(margin, 4), "spread": round(noise, 4),
                       "within_noise": abs(margin) <= noise})
+        if max(agg["pruned50"]["accuracy"][0], agg["full"]["accuracy"][0]) == 0.0:  # 0 ≥ 0 is no evidence
+            claim.update({"pass": None, "note": "no signal: both arms at 0 held-out accuracy"})
     if "random50" in agg and "pruned50" in agg:
         claim["margin_vs_random50"] = round(agg["pruned50"]["accuracy"][0] - agg["random50"]["accuracy"][0], 4)
     return {"claim": claim, "commit": commit, "setup": results["setup"], "base": results["base"],
@@ -238,15 +249,15 @@ def _ms(v) -> str:
 def render(agg: dict, base: dict | None = None) -> str:
     """Markdown: one row per arm, macro accuracy and per-task accuracy as mean ± spread over seeds."""
     tasks = sorted({t for r in agg.values() for t in r["tasks"]})
-    head = "| arm | examples kept | loss tokens | accuracy (macro) | eot rate | " + " | ".join(tasks) + " |"
-    lines = [head, "|" + "---|" * (5 + len(tasks))]
+    head = "| arm | seeds | examples kept | loss tokens | accuracy (macro) | eot rate | " + " | ".join(tasks) + " |"
+    lines = [head, "|" + "---|" * (6 + len(tasks))]
     if base:
         accs = macro_accuracy(base)
         eot = sum(e["eot_rate"] * e["n"] for e in base.values()) / max(sum(e["n"] for e in base.values()), 1)
-        lines.append(f"| base (no SFT) | – | – | {accs or 0:.3f} | {eot:.3f} | "
+        lines.append(f"| base (no SFT) | – | – | – | {accs or 0:.3f} | {eot:.3f} | "
                      + " | ".join(f"{(base.get(t) or {}).get('accuracy') or 0:.3f}" for t in tasks) + " |")
     for arm, r in agg.items():
-        lines.append(f"| {arm} | {r['examples']} | {r['loss_tokens']:,.0f} | {_ms(r['accuracy'])} | "
+        lines.append(f"| {arm} | {r['seeds']} | {r['examples']} | {r['loss_tokens']:,.0f} | {_ms(r['accuracy'])} | "
                      f"{_ms(r['eot_rate'])} | " + " | ".join(_ms(r["tasks"][t]) if t in r["tasks"] else "–"
                                                             for t in tasks) + " |")
     return "\n".join(lines) + "\n"
