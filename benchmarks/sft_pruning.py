@@ -10,7 +10,9 @@
 Every arm starts from the same model and runs the same number of optimizer steps with the same
 batch (herd sft; the pruned arms see fewer distinct examples, repeated more often). The pruned
 arms share one set of difficulty scores (pass@k on verifiable items, reference loss otherwise,
-computed once by the first pruned arm, reused by every seed: the base model judges once). Each
+computed once by the first pruned arm, reused by every seed: the base model judges once;
+`--prune-k 0` skips pass@k and ranks by reference loss alone, for a base model that passes ~none
+of the items, where pass@k ties everywhere and the loss decides anyway). Each
 final model answers the held-out items greedily (herd's engine, up to --max-new tokens; the
 --eval-splits, by default val and test pooled: neither is trained on); per task: accuracy of the
 verifiable items, and for all items the rate at which replies end with the end-of-turn token (the
