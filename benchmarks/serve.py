@@ -12,6 +12,9 @@ token (p50 / p99) at 1, 8, 32 and 64 concurrent streams, one run, same model, sa
     # a chat's follow-up turn (turn 1 sent 5 images): TTFT cold, with the image features cached, and
     # with turn 1's KV rows reused from the engine's prefix store (the server's default)
     python benchmarks/serve.py --turn2 [--model runs/tiny] --threads 2
+    # where the engine's decode step spends its time at batch 1, 8, 32 (torch.profiler, 1 thread:
+    # op shares stay meaningful on a busy machine; --smoke: decode.py's quick model instead of 552M)
+    python benchmarks/serve.py --profile-engine [--smoke] --batches 1 8 32
 
 Both servers get identical requests through the same endpoint, POST /v1/completions with
 `stream: true`, the prompt as token ids (so no tokenizer is involved: the random model has none
@@ -199,6 +202,53 @@ def turn2(args) -> None:
           f"({c / p:.2f}× cold; {reused:.0f} tokens reused per turn 2), median of {args.rounds}")
 
 
+PRODUCT_OPS = ("gemv", "linear_pointwise", "aten::mv", "aten::mm", "aten::addmm", "aten::linear", "aten::bmm",
+               "_weight_int8pack_mm", "_weight_int4pack_mm", "linear_dynamic")
+
+
+def profile_engine(args) -> None:
+    """torch.profiler over --rounds decode steps of herd.Engine with B rows decoding (greedy, rows at
+    different positions as continuous batching leaves them), for each B of --batches: the top ops by
+    self time and the split products (weight streaming) / other ops / outside ops (Python, engine)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import herd
+    from decode import model_config
+    from herd.inference.sampling import SamplingParams
+
+    torch.set_num_threads(args.threads)
+    model = herd.build_model(model_config(args.smoke), dtype=torch.bfloat16, seed=0)
+    print(f"model: decode.py's {'quick' if args.smoke else '552M / 123M-active'} config, bf16, {args.threads} thread(s)")
+    for B in args.batches:
+        engine = herd.Engine(model, max_batch=B, capacity=args.prompt_tokens + 64 + 2 * args.rounds)
+        for i in range(B):
+            engine.add([(7919 * (i + 1) * (j + 3)) % 1000 + 10 for j in range(args.prompt_tokens)],
+                       SamplingParams(max_new_tokens=10 ** 6, stop_token_ids=[]))
+        while len(engine.active) < B:
+            engine.step()  # one prefill per step: the rows end up at B different positions
+        for _ in range(3):
+            engine.step()
+        t = time.perf_counter()
+        for _ in range(args.rounds):
+            engine.step()
+        plain = (time.perf_counter() - t) / args.rounds
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t = time.perf_counter()
+            for _ in range(args.rounds):
+                engine.step()
+            wall = (time.perf_counter() - t) * 1e6
+        events = prof.key_averages()
+        in_ops = sum(e.self_cpu_time_total for e in events)
+        products = sum(e.self_cpu_time_total for e in events if any(p in e.key for p in PRODUCT_OPS))
+        print(f"\n=== batch {B}: {1e3 * plain:.1f} ms per step unprofiled ({B / plain:.1f} tokens/s)")
+        print(events.table(sort_by="self_cpu_time_total", row_limit=15))
+        print(f"batch {B}: products {products / wall:.0%} + other ops {(in_ops - products) / wall:.0%} + outside ops "
+              f"{max(0.0, 1 - in_ops / wall):.0%} of the step's wall time (profiler on)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="HF directory of the model (herd side)")
@@ -214,11 +264,16 @@ def main() -> None:
     ap.add_argument("--out", help="write the rows as JSON here")
     ap.add_argument("--turn2", action="store_true", help="TTFT of a follow-up turn with cached vs new images "
                     "(in-process server; --model default: the tiny preset, random weights)")
+    ap.add_argument("--profile-engine", action="store_true", help="per-op profile of the engine's decode step "
+                    "at --batches (no server; --smoke: the quick model)")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--images", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     if args.turn2:
         return turn2(args)
+    if args.profile_engine:
+        return profile_engine(args)
     tmp = Path(tempfile.mkdtemp(prefix="herd-serve-bench-"))
     if args.smoke:
         args.model, args.tokenizer, vocab = smoke_model(tmp)
