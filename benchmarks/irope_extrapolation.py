@@ -43,8 +43,13 @@ is the claim being tested.
 At that budget every arm scored 0 even at 1× L, so `--task passkey` (see passkey_batch) trains the
 same arm configs from scratch on a closed-vocabulary passkey task, loss on the answer digits only:
 
-    OMP_NUM_THREADS=1 python benchmarks/irope_extrapolation.py --task passkey --out benchmarks/results/irope/passkey \
-        --arms a,b,c --seeds 0 --train-length 128 --steps 1200 --batch-tokens 1024 --samples 32
+    OMP_NUM_THREADS=1 python benchmarks/irope_extrapolation.py --task passkey --out benchmarks/results/irope/passkey-L64-floorL \
+        --arms a,b,c --seeds 0,1 --train-length 64 --steps 1500 --batch-tokens 1024 --samples 32
+
+`--task multikey` is RULER's niah_multikey_1 in the same vocabulary (4 named needles, the query names
+one). `--result benchmarks/results/irope_extrapolation.json [--card-with OTHER_RUN_DIR]` writes the
+report card's result file: the RULER-style score (mean over the tasks' run directories given) of
+arm a against arm c at 4× L.
 """
 
 from __future__ import annotations
