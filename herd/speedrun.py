@@ -58,7 +58,7 @@ QUICK = dict(base=["--max-steps", "4", "--batch-size", "2", "--seq-len", "64", "
                  "--max-new-tokens", "8", "--per-task", "4", "--eval-prompts", "2"],
              pairs=["--limit", "4", "--k", "2", "--max-new", "4", "--use-reference"],
              dpo=["--max-steps", "2", "--batch-size", "2", "--max-len", "128"],
-             pg=["--epochs", "1"], lg=["--max-steps", "2", "--eval-limit", "4"],
+             pg=[], lg=["--max-steps", "2", "--eval-limit", "4"],
              ruler=["--tasks", "niah_single_1", "--lengths", "512", "--samples", "2", "--max-new-tokens", "12"],
              lm=["--limit", "2"], skills=["--limit", "2"],
              usecases=["--limit", "1", "--lengths", "256,512", "--max-new-tokens", "8"])

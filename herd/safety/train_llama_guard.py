@@ -26,6 +26,18 @@ Training goes through the shared loop (herd.train.loop.run: schedule, AdamW with
 clipping, metrics.jsonl, crash-safe checkpoints, resume, final Hugging Face export) with one
 objective: next-token cross-entropy on the verdict tokens only (the prompt is masked with -100).
 
+Learning the category, not only the verdict. The first recipe (plain sampling, every verdict token
+weighted 1) learned safe/unsafe but answered S7 — the largest class, 29 % of the unsafe training
+examples — for almost every unsafe prompt: of `unsafe`, `\n`, `S`, `7`, `<|eot|>` only the first and
+the code carry information, so the code is one token in ~3.5 of the average verdict, and the prior
+is the cheapest way to lower it. Two standard remedies, both on by default:
+  * class-balanced sampling (`balance_power`): each unsafe training example of category c is
+    repeated round((n_max / n_c) ** p) times, n_c = unsafe training examples with code c (p = 0.5,
+    "square-root" re-sampling; p = 0 turns it off); safe examples are left as they are.
+  * the category token(s) weighted in the loss (`code_weight`): a labelled position whose target
+    is not a format token (`safe`, `unsafe`, the newline, `S`, `<|eot|>`) is a code token and counts
+    `code_weight` times; the loss is divided by the labelled-token count as before.
+
 Evaluation runs the saved directory through LlamaGuard.from_pretrained → scan (generation, the
 strict parser, the unsafe score) on the test split and writes OUT/guard_eval.json and a table
 in the shape of the Llama Guard 4 model card's (recall, false-positive rate, F1), per category
@@ -66,6 +78,11 @@ class GuardTrainConfig(LoopConfig):
     eval_every: int = field(default=100, metadata={"help": "validation loss every N steps"})
     ckpt_every: int = field(default=100, metadata={"help": "checkpoint every N steps"})
     eval_limit: int | None = field(default=None, metadata={"help": "scan only the first N held-out examples"})
+    balance_power: float = field(default=0.5, metadata={"help": "repeat unsafe examples of category c "
+                                                         "round((n_max/n_c)**p) times (0: no re-sampling)"})
+    code_weight: float = field(default=4.0, metadata={"help": "loss weight of the category-code token(s)"})
+    init: str | None = field(default=None, metadata={"help": "continue from this tiny-guard directory's weights "
+                                                     "and tokenizer (a fresh schedule and optimizer)"})
 
 
 def split_of(item_id: str) -> str:
@@ -104,6 +121,24 @@ def build_examples(benign_prompts: int = 2400, seed: int = 0) -> dict[str, list[
     for k in out:
         rng.shuffle(out[k])
     return out
+
+
+def balanced(examples: list[dict], power: float) -> list[dict]:
+    """Class-balanced re-sampling: unsafe examples of category c repeated round((n_max / n_c) ** power) times."""
+    counts: dict[str, int] = {}
+    for e in examples:
+        if e["code"] is not None:
+            counts[e["code"]] = counts.get(e["code"], 0) + 1
+    if not counts or power == 0:
+        return list(examples)
+    n_max = max(counts.values())
+    return [e for e in examples
+            for _ in range(1 if e["code"] is None else max(1, round((n_max / counts[e["code"]]) ** power)))]
+
+
+def format_token_ids(tok) -> set[int]:
+    """Verdict tokens that carry no category: those of `safe`, `unsafe\nS` and <|eot|>."""
+    return {*tok.encode("safe"), *tok.encode("unsafe\nS"), tok.special_tokens["<|eot|>"]}
 
 
 def model_config(vocab: int, hidden: int, layers: int):
@@ -179,17 +214,30 @@ def collate(rows, pad_id: int):
 
 
 class VerdictLoss:
-    """Summed cross-entropy over the labelled (verdict) positions (herd.train.loop.Objective)."""
+    """Summed cross-entropy over the labelled (verdict) positions (herd.train.loop.Objective);
+    positions whose target is not in `format_ids` (the category code) count `code_weight` times."""
 
-    def __init__(self, device):
-        self.device = device
+    def __init__(self, device, format_ids: set[int] = frozenset(), code_weight: float = 1.0):
+        self.device, self.code_weight = device, code_weight
+        self.format_ids = torch.tensor(sorted(format_ids), dtype=torch.long)
 
     def tokens(self, batch) -> int:
         return int((batch.labels != -100).sum())
 
     def __call__(self, model, batch):
-        loss = model(batch.input_ids.to(self.device), labels=batch.labels.to(self.device))
-        return loss, self.tokens(batch), {}
+        labels = batch.labels.to(self.device)
+        mask = labels != -100  # [B, T]
+        target = labels[mask]  # [N] the verdict tokens
+        weight = torch.ones(target.shape, dtype=torch.float32, device=self.device)
+        if self.code_weight != 1.0:
+            is_code = ~torch.isin(target, self.format_ids.to(self.device))
+            weight = torch.where(is_code, torch.full_like(weight, self.code_weight), weight)
+
+        def head(h, w):  # h [B, T, H] normed hidden states, w [V, H]: the head only where there is a label
+            logits = (h[mask] @ w.t()).float()  # [N, V]
+            return (torch.nn.functional.cross_entropy(logits, target, reduction="none") * weight).sum()
+
+        return model(batch.input_ids.to(self.device), apply_head=head), self.tokens(batch), {}
 
 
 def train(cfg: GuardTrainConfig) -> dict:
@@ -203,7 +251,7 @@ def train(cfg: GuardTrainConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     data = build_examples(cfg.benign_prompts, cfg.seed)
-    tok_dir = out / "tokenizer"
+    tok_dir = Path(cfg.init) if cfg.init else out / "tokenizer"
     if not (tok_dir / "tokenizer.json").exists():
         from herd.safety.llama_guard import render_text
 
@@ -212,17 +260,25 @@ def train(cfg: GuardTrainConfig) -> dict:
     tok = load_tokenizer(str(tok_dir))
     env = distributed.setup()
     torch.manual_seed(cfg.seed)
-    model = build_model(model_config(cfg.vocab_size, cfg.hidden, cfg.layers)).to(env.device)
-    model.init_weights()
+    if cfg.init:
+        from herd.train.loop import init_from
+
+        model = init_from(cfg.init, env.device)[0]
+    else:
+        model = build_model(model_config(cfg.vocab_size, cfg.hidden, cfg.layers)).to(env.device)
+        model.init_weights()
     train_enc = [encode_example(tok, ex) for ex in data["train"]]
     test_enc = [encode_example(tok, ex) for ex in data["test"]]
     pad = tok.special_tokens["<|finetune_right_pad|>"] if "<|finetune_right_pad|>" in tok.special_tokens else 0
-    source = GuardBatches(train_enc, cfg.batch_size, pad, cfg.seed)
+    sampled = balanced(data["train"], cfg.balance_power)
+    enc_of = {id(ex): enc for ex, enc in zip(data["train"], train_enc)}
+    source = GuardBatches([enc_of[id(ex)] for ex in sampled], cfg.batch_size, pad, cfg.seed)
     val = [collate(test_enc[i:i + cfg.batch_size], pad) for i in range(0, min(len(test_enc), 8 * cfg.batch_size),
                                                                           cfg.batch_size)]
-    objective = VerdictLoss(env.device)
+    objective = VerdictLoss(env.device, format_token_ids(tok), cfg.code_weight)
     model, optimizer = build_optimizer(model, cfg, env, verbose=False)
     counts = {k: {"examples": len(v), "unsafe": sum(e["code"] is not None for e in v)} for k, v in data.items()}
+    counts["train_sampled"] = {"examples": len(sampled), "unsafe": sum(e["code"] is not None for e in sampled)}
     summary = run(cfg, model, optimizer, objective, source, env, tokenizer=tok,
                   evals=[validation_loss(objective, val, env, cfg)], name="guard",
                   summary={"data": counts, "prompt_tokens_mean": sum(s for _, s in train_enc) / len(train_enc)})

@@ -6,18 +6,19 @@ Protocol: fit on `train` (11,089), choose the threshold on `validation` at 1 % F
 `test` (never seen before): recall at that threshold, the test FPR it gives, and AUC; then the same
 threshold on two obfuscated copies of the test set — every character separated by a space
 ("I g n o r e ...") and by a zero-width space — which normalisation must undo (goal: keep ≥ 90 %
-of the recall). The model is herd.safety.prompt_guard.NgramModel (logistic regression over hashed
-n-grams); training is AdamW (lr 0.05) on shuffled mini-batches of 256 with BCE, seeded. One epoch:
-validation AUC and validation recall at 1 % FPR were highest after the first epoch and fell after
-(lr 0.01 / 0.05 / 0.2 × 1–8 epochs tried; the choice was made on validation, though test numbers
-of an 8-epoch run had been seen during development — BENCHMARKS.md gives both). Outputs: OUT/config.json + model.safetensors (NgramPromptGuard.load reads them),
-OUT/metrics.jsonl (one line per epoch: epoch, loss, val_auc), OUT/summary.json.
+of the recall). The model is herd.safety.prompt_guard.NgramModel: an NB-SVM over hashed TF-IDF
+n-grams (train_ngram_guard says how), fitted by scikit-learn's liblinear — deterministic, no
+epochs or seeds. Chosen on validation only (AUC and recall at 1 % FPR on validation, threshold set
+there; test untouched until the final run): NB-SVM beat plain logistic regression and a linear
+SVM on the same features, the in-word char n-grams helped, word trigrams and char 2–6-grams did
+not; C = 0.5 from {0.25, 0.5, 1, 4} (BENCHMARKS.md lists the validation figures).
+Outputs: OUT/config.json + model.safetensors (NgramPromptGuard.load reads them),
+OUT/metrics.jsonl (C, val_auc), OUT/summary.json.
 """
 
 from __future__ import annotations
 
 import json
-import random
 import time
 from pathlib import Path
 
@@ -35,37 +36,56 @@ def zero_width(text: str) -> str:
     return "\u200b".join(text)
 
 
-def train_ngram_guard(train: list[tuple[str, int]], val: list[tuple[str, int]], *, epochs: int = 1,
-                      lr: float = 0.05, batch_size: int = 256, buckets: int = 1 << 20, weight_decay: float = 0.0,
-                      seed: int = 0, max_fpr: float = 0.01, log=None) -> NgramPromptGuard:
-    """Fit on `train`, threshold on `val` at `max_fpr` → a NgramPromptGuard."""
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    model = NgramModel(buckets)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+def tfidf_matrix(texts: list[str], buckets: int):
+    """(sublinear term frequencies as a scipy CSR matrix [n texts, buckets]) of normalised texts."""
+    import numpy as np
+    from scipy.sparse import csr_matrix
+
+    ids, tf, offsets = batch_features(texts, buckets)
+    indptr = np.append(offsets.numpy(), len(ids))
+    return csr_matrix((tf.numpy().astype(np.float64), ids.numpy(), indptr), shape=(len(texts), buckets))
+
+
+def train_ngram_guard(train: list[tuple[str, int]], val: list[tuple[str, int]], *, C: float = 0.5,
+                      buckets: int = 1 << 20, max_fpr: float = 0.01, log=None) -> NgramPromptGuard:
+    """Fit an NB-SVM on `train`, threshold on `val` at `max_fpr` → a NgramPromptGuard.
+
+    1. TF: 1 + ln count per hashed feature; IDF: ln((1 + n) / (1 + df)) + 1 (scikit-learn's smooth
+       idf); each row x = tf·idf / ‖tf·idf‖₂.
+    2. NB log-count ratio r_j = ln((p_j / ‖p‖₁) / (q_j / ‖q‖₁)), p = 1 + the number of injection
+       texts with feature j, q the same over benign texts (Wang & Manning 2012).
+    3. scikit-learn LogisticRegression (liblinear, L2, inverse strength C) on x ∘ r; the guard's
+       weight is coef ∘ r, so scanning needs only idf and that weight."""
+    import numpy as np
+    from scipy.sparse import diags
+    from sklearn.linear_model import LogisticRegression
+
     texts = [normalise(t) for t, _ in train]
-    labels = torch.tensor([y for _, y in train], dtype=torch.float32)
-    val_texts = [normalise(t) for t, _ in val]
-    val_y = [y for _, y in val]
+    y = np.array([label for _, label in train])
+    if len(set(y.tolist())) != 2:
+        raise ValueError("training Prompt Guard needs both benign (0) and injection (1) examples")
+    tf = tfidf_matrix(texts, buckets)
+    df = np.bincount(tf.indices, minlength=buckets)
+    idf = np.log((1 + len(texts)) / (1 + df)) + 1.0
+    x = tf @ diags(idf)
+    norms = np.sqrt(np.asarray(x.multiply(x).sum(1)).ravel())
+    x = diags(1.0 / np.maximum(norms, 1e-12)) @ x
+    present = (x > 0).astype(np.float64)
+    p = 1.0 + np.asarray(present[y == 1].sum(0)).ravel()
+    q = 1.0 + np.asarray(present[y == 0].sum(0)).ravel()
+    r = np.log((p / p.sum()) / (q / q.sum()))
+    clf = LogisticRegression(C=C, solver="liblinear", max_iter=1000).fit(x @ diags(r), y)
+    model = NgramModel(buckets)
+    model.weight.copy_(torch.from_numpy(clf.coef_[0] * r).float())
+    model.idf.copy_(torch.from_numpy(idf).float())
+    model.bias.fill_(float(clf.intercept_[0]))
     guard = NgramPromptGuard(model)
-    order = list(range(len(texts)))
-    for epoch in range(1, epochs + 1):
-        model.train()
-        rng.shuffle(order)
-        total = 0.0
-        for s in range(0, len(order), batch_size):
-            idx = order[s:s + batch_size]
-            logits = model(*batch_features([texts[i] for i in idx], buckets))
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(idx)
-        model.eval()
-        v = guard.scores(val_texts)
-        if log:
-            log({"epoch": epoch, "loss": total / len(order), "val_auc": auc(v, val_y)})
-    guard.threshold = threshold_at_fpr(guard.scores(val_texts), val_y, max_fpr)
+    val_texts = [normalise(t) for t, _ in val]
+    val_y = [label for _, label in val]
+    v = guard.scores(val_texts)
+    if log:
+        log({"C": C, "buckets": buckets, "train_examples": len(texts), "val_auc": auc(v, val_y)})
+    guard.threshold = threshold_at_fpr(v, val_y, max_fpr)
     return guard
 
 
@@ -82,7 +102,7 @@ def evaluate(guard: NgramPromptGuard, data: list[tuple[str, int]], transform=Non
     return rep
 
 
-def run(out_dir, epochs: int = 1, seed: int = 0) -> dict:
+def run(out_dir, C: float = 0.5, buckets: int = 1 << 20) -> dict:
     from herd.data.safety_data import slabs
 
     out = Path(out_dir)
@@ -93,10 +113,10 @@ def run(out_dir, epochs: int = 1, seed: int = 0) -> dict:
             f.write(json.dumps(rec) + "\n")
             f.flush()
             print(json.dumps(rec))
-        guard = train_ngram_guard(slabs("train"), slabs("validation"), epochs=epochs, seed=seed, log=log)
+        guard = train_ngram_guard(slabs("train"), slabs("validation"), C=C, buckets=buckets, log=log)
     train_s = time.time() - t0
     test = slabs("test")
-    summary = {"model": "hashed char/word n-gram logistic regression (2^20 buckets)", "epochs": epochs, "seed": seed,
+    summary = {"model": f"NB-SVM over hashed TF-IDF char/word n-grams (2^{buckets.bit_length() - 1} buckets)", "C": C,
                "threshold": guard.threshold, "train_seconds": round(train_s, 1),
                "test": evaluate(guard, test), "test_spaced": evaluate(guard, test, spaced),
                "test_zero_width": evaluate(guard, test, zero_width)}

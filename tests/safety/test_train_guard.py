@@ -66,3 +66,36 @@ def test_tiny_guard_trains_through_the_shared_loop_and_loads(tmp_path, monkeypat
     guard = LlamaGuard.from_pretrained(tmp_path / "g", dtype=torch.float32)
     v = guard.scan("bomb 99")
     assert v.status in ("ok", "parse_error") and 0 <= v.score <= 1
+
+
+def test_balanced_resampling_repeats_rare_categories_only():
+    ex = [{"code": "S7"}] * 16 + [{"code": "S1"}] * 4 + [{"code": "S9"}] + [{"code": None}] * 3
+    out = tlg.balanced(ex, 0.5)
+    count = lambda c: sum(e["code"] == c for e in out)  # noqa: E731
+    assert (count("S7"), count("S1"), count("S9"), count(None)) == (16, 8, 4, 3)  # round(sqrt(16/n)) copies
+    assert tlg.balanced(ex, 0.0) == ex
+
+
+def test_verdict_loss_weights_the_category_token(guard_tokenizer):
+    """The objective's summed loss equals plain cross-entropy over the verdict positions with the
+    code token counted code_weight times (an independent computation from the full logits)."""
+    from herd.model.llama4 import build_model
+
+    tok = guard_tokenizer
+    rows = [tlg.encode_example(tok, {"messages": [{"role": "user", "content": t}], "target": v})
+            for t, v in [("how do I hurt someone", "unsafe\nS1"), ("hello there", "safe"),
+                         ("whose address is this", "unsafe\nS7")]]
+    batch = tlg.collate(rows, pad_id=0)
+    model = build_model(tlg.model_config(512, 64, 1)).eval()
+    fmt = tlg.format_token_ids(tok)
+    loss, n, _ = tlg.VerdictLoss("cpu", fmt, code_weight=3.0)(model, batch)
+    with torch.no_grad():
+        logits = model(batch.input_ids)
+    mask = batch.labels != -100
+    ce = torch.nn.functional.cross_entropy(logits[mask].float(), batch.labels[mask], reduction="none")
+    code = torch.tensor([int(t) not in fmt for t in batch.labels[mask]])
+    assert int(code.sum()) == 2 and [tok.decode([int(t)]) for t in batch.labels[mask][code]] == ["1", "7"]
+    assert n == int(mask.sum())
+    assert torch.allclose(loss, (ce * torch.where(code, 3.0, 1.0)).sum(), rtol=1e-5)
+    plain, _, _ = tlg.VerdictLoss("cpu")(model, batch)
+    assert torch.allclose(plain, ce.sum(), rtol=1e-5)
