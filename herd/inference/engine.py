@@ -58,6 +58,7 @@ class Event:
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" on the sequence's last event
+    cached_tokens: int = 0  # on a sequence's first event: prompt tokens taken from the prefix store
 
 
 class Sequence:
@@ -100,7 +101,7 @@ class Sequence:
             if reason == "length" and self.text is not None:
                 text += self.text.finish()
         self.finish_reason = reason
-        return Event(self.id, token, text, logprob, top, reason)
+        return Event(self.id, token, text, logprob, top, reason, self.reused if len(self.output) == 1 else 0)
 
 
 def forward_step(model, ids: torch.Tensor, cache: KVCache, image_features: torch.Tensor | None = None,
@@ -306,7 +307,7 @@ class Engine:
         self.prefilling = None
         seq.features = None
         if seq.params.max_new_tokens == 0:
-            events.append(Event(seq.id, None, finish_reason="length"))
+            events.append(Event(seq.id, None, finish_reason="length", cached_tokens=seq.reused))
             self._retain(seq, row)
             return
         out = sample(logits[None], [seq.state])

@@ -286,6 +286,7 @@ class _Choice:
         self.text = ""
         self.logprobs: list = []  # (token, logprob, top) of generated tokens
         self.finish_reason: str | None = None
+        self.cached_tokens = 0  # prompt tokens the engine's prefix store supplied
 
 
 def _chat_logprob(tok, t: int, lp: float, top) -> dict:
@@ -626,7 +627,11 @@ def _usage_counts(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def _usage(prompt_len: int, choices) -> dict:
-    return _usage_counts(prompt_len, sum(len(c.tokens) for c in choices))
+    """Usage of a chat completion; prompt_tokens_details.cached_tokens (OpenAI's field): the prompt
+    tokens not prefilled again because the engine kept them from an earlier request (the first choice's)."""
+    usage = _usage_counts(prompt_len, sum(len(c.tokens) for c in choices))
+    usage["prompt_tokens_details"] = {"cached_tokens": choices[0].cached_tokens if choices else 0}
+    return usage
 
 
 async def _collect(handle, choices, request: Request | None):
@@ -650,6 +655,7 @@ async def _collect(handle, choices, request: Request | None):
         except StopAsyncIteration:
             return True
         ch = choices[index]
+        ch.cached_tokens = max(ch.cached_tokens, ev.cached_tokens)
         if ev.token is not None:
             ch.tokens.append(ev.token)
             if ev.logprob is not None:
@@ -712,6 +718,7 @@ async def _chat_stream(ctx: _ChatCtx, handle):
             yield chunk(ch.index, {"role": "assistant", "content": ""})
         async for index, ev in handle:
             ch = choices[index]
+            ch.cached_tokens = max(ch.cached_tokens, ev.cached_tokens)
             if ev.token is not None:
                 ch.tokens.append(ev.token)
             ch.text += ev.text

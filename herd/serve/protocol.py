@@ -222,6 +222,7 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: dict[str, int] | None = None  # {"cached_tokens": n} (chat: the engine's prefix store)
 
 
 class ChatChoice(BaseModel):

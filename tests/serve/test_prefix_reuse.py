@@ -35,6 +35,9 @@ def _conversation(url: str) -> tuple[list[dict], str, int]:
     conv = turn1 + [{"role": "assistant", "content": r1["choices"][0]["message"]["content"]},
                     {"role": "user", "content": "And the second one?"}]
     r2 = httpx.post(url + "/v1/chat/completions", json={"messages": conv, **body}, timeout=60).json()
+    assert r1["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+    cached = r2["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert (cached >= r1["usage"]["prompt_tokens"]) if "prefix_cache" in httpx.get(url + "/metrics").text else cached == 0
     return r2["choices"][0]["logprobs"]["content"], r2["choices"][0]["message"]["content"], r1["usage"]["prompt_tokens"]
 
 
