@@ -19,6 +19,7 @@ for the teacher's forwards:
     also runs that arm (top-K targets, precomputed on first use) for `--offline-seeds`.
 
     python benchmarks/distillation.py --teacher-dir runs/speedrun/base --steps 300 --seeds 0 1 [--publish]
+    python benchmarks/distillation.py --teacher-dir runs/speedrun/base --steps 60 --stop-after 30 ...  # short budget
     python benchmarks/distillation.py [--steps 300] [--teacher-steps 600] [--seeds 0 1] [--jobs 4] [--out runs/bench_distill]
 Writes OUT/distillation.json (report-card format: {"claim": {"pass", "margin", "smoke"}, "commit",
 ...}), OUT/distillation.md (the table) and OUT/distillation.png; `--publish` copies the json and
@@ -50,7 +51,7 @@ def _finished(out: Path, steps: int) -> list[dict] | None:
 
 
 def one(out: Path, assets: dict, **kw) -> list[dict]:
-    return _finished(out, kw["max_steps"]) or run(out, assets, **kw)
+    return _finished(out, kw.get("stop_after") or kw["max_steps"]) or run(out, assets, **kw)
 
 
 def active_params(config) -> int:
@@ -103,6 +104,9 @@ def plot(results: dict, png: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=300, help="student steps (both arms)")
+    ap.add_argument("--stop-after", type=int, default=None,
+                    help="stop the student arms at this step of the --steps schedule (the same-compute arm "
+                         "proportionally later): a shorter budget on the same learning-rate schedule")
     ap.add_argument("--teacher-dir", default=None,
                     help="reuse this trained model directory as the teacher (its tokenizer becomes the students')")
     ap.add_argument("--teacher-steps", type=int, default=600, help="teacher trained here: steps")
@@ -158,23 +162,33 @@ def main() -> None:
     print(f"teacher {tdir}: val {teacher['val_loss']}, digits {teacher['digit_acc']}")
 
     student_active = active_params(herd.get_config("tiny"))
-    student_tf = 6 * student_active * tokens_per_step * args.steps / 1e12
-    teacher_fwd_tf = 2 * teacher["params_active"] * tokens_per_step * args.steps / 1e12
-    matched = round(args.steps * (student_tf + teacher_fwd_tf) / student_tf)  # alone, same total compute
-    steps = {name: n for name, n in {"alone": args.steps, "distilled": args.steps, "alone_matched": matched}.items()
+    trained = args.stop_after or args.steps  # student steps actually taken
+    student_tf = 6 * student_active * tokens_per_step * trained / 1e12
+    teacher_fwd_tf = 2 * teacher["params_active"] * tokens_per_step * trained / 1e12
+    matched = round(trained * (student_tf + teacher_fwd_tf) / student_tf)  # alone, same total compute
+    steps = {name: n for name, n in {"alone": trained, "distilled": trained, "alone_matched": matched}.items()
              if name in args.arms}
-    dirs = {"alone": "alone", "distilled": "distilled", "alone_matched": f"alone{matched}"}
+    cut = f"_to{trained}of{args.steps}" if args.stop_after else ""
+    dirs = {"alone": f"alone{cut}", "distilled": f"distilled{cut}",
+            "alone_matched": f"alone_to{matched}of{args.steps}" if args.stop_after else f"alone{matched}"}
+    if args.stop_after and matched > args.steps:
+        raise ValueError(f"the same-compute arm needs {matched} steps, beyond --steps {args.steps}")
+
+    def schedule(n: int) -> dict:  # max_steps (the schedule), where to stop, and an evaluation at the stop
+        if not args.stop_after:
+            return dict(max_steps=n)
+        return dict(max_steps=args.steps, stop_after=n, **({} if n % args.eval_every == 0 else {"eval_every": n}))
     distill = dict(teacher=str(tdir), distill_weight=args.weight, distill_temperature=args.temperature,
                    teacher_topk=args.topk)
-    jobs = {(name, seed): (root / f"{dirs[name]}_s{seed}", dict(max_steps=steps[name], seed=seed, **common,
+    jobs = {(name, seed): (root / f"{dirs[name]}_s{seed}", dict(**{**common, **schedule(steps[name])}, seed=seed,
                                                                 **(distill if name == "distilled" else {})))
             for name in steps for seed in args.seeds}
     if args.offline_topk:
-        steps["distilled_offline"] = args.steps
+        steps["distilled_offline"] = trained
         for seed in args.offline_seeds:
             jobs[("distilled_offline", seed)] = (
-                root / f"distilled_offline{args.offline_topk}_s{seed}",
-                dict(max_steps=args.steps, seed=seed, **common, **{**distill, "teacher_topk": args.offline_topk},
+                root / f"distilled_offline{args.offline_topk}{cut}_s{seed}",
+                dict(**{**common, **schedule(trained)}, seed=seed, **{**distill, "teacher_topk": args.offline_topk},
                      teacher_targets=str(root / f"targets_top{args.offline_topk}_s{seed}")))
     runs: dict = {name: {} for name in steps}
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -192,7 +206,7 @@ def main() -> None:
     for name, per_seed in runs.items():
         vals = [rows[-1]["val_loss"] for rows in per_seed.values()]
         accs = [rows[-1].get("digit_acc", float("nan")) for rows in per_seed.values()]
-        own = student_tf * steps[name] / args.steps
+        own = student_tf * steps[name] / trained
         extra = {"distilled": f"{teacher_fwd_tf:.2f} (every student)",
                  "distilled_offline": f"{teacher_fwd_tf:.2f} once per data stream"}.get(name, "0")
         summary[name] = {"steps": steps[name], "seeds": list(per_seed), "val_loss": vals, "digit_acc": accs,
@@ -209,7 +223,9 @@ def main() -> None:
     md += (f"\n\nTeacher: {tdir} (width {teacher['width']}, {teacher['layers']} layers, "
            f"{teacher['params_active'] / 1e6:.1f}M active, {teacher['steps']} steps, {teacher['train_tflop']:.1f} TFLOP "
            f"once): val loss {teacher['val_loss']}, digit acc {teacher['digit_acc']}. Students: tiny "
-           f"({student_active / 1e6:.1f}M active), {args.steps} steps × {args.batch}×{args.seq} tokens; distilled with "
+           f"({student_active / 1e6:.1f}M active), {trained} steps"
+           + (f" (stopped there on a {args.steps}-step schedule)" if args.stop_after else "")
+           + f" × {args.batch}×{args.seq} tokens; distilled with "
            f"--distill-weight {args.weight} --distill-temperature {args.temperature:g}"
            + (f" --teacher-topk {args.topk}" if args.topk else "") + f". Machine: {machine()}.\n")
     print(md)
@@ -229,7 +245,7 @@ def main() -> None:
                "online_total_tflop_per_student": student_tf + teacher_fwd_tf,
                "offline_precompute_tflop_once": teacher_fwd_tf,
                "offline_total_tflop_per_student": {str(n): student_tf + teacher_fwd_tf / n for n in (1, 2, 4, 8)},
-               "offline_targets_bytes": tokens_per_step * args.steps * (args.offline_topk or 64) * 6,
+               "offline_targets_bytes": tokens_per_step * trained * (args.offline_topk or 64) * 6,
                "note": "offline: the same teacher forwards run once per data stream; n students sharing them pay "
                        "student + precompute / n (top-K storage: K × (2-byte id + 4-byte log-prob) per token)"}
     print(f"val-loss gain of distillation per seed: {', '.join(f'{g:+.4f}' for g in gain)}; "
