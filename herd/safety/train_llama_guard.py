@@ -37,6 +37,13 @@ is the cheapest way to lower it. Two standard remedies, both on by default:
   * the category token(s) weighted in the loss (`code_weight`): a labelled position whose target
     is not a format token (`safe`, `unsafe`, the newline, `S`, `<|eot|>`) is a code token and counts
     `code_weight` times; the loss is divided by the labelled-token count as before.
+Measured (BENCHMARKS.md): these did not make the codes learnable at this compute. 120 more steps
+with both, continuing the 400-step model (`--init`), left the teacher-forced code accuracy on
+held-out unsafe prompts at 0.378 (majority class S7: 0.375), and the code token's loss sits at the
+entropy of the category prior from the start: the model learns safe/unsafe from cues and never
+reads the prompt's topic. The data does carry the categories — a TF-IDF logistic regression on
+the same split names 78 % of them — so what is missing is training (a model from scratch sees
+each category's words ~1.5 times in 400 steps), not labels; see BENCHMARKS.md for the command.
 
 Evaluation runs the saved directory through LlamaGuard.from_pretrained → scan (generation, the
 strict parser, the unsafe score) on the test split and writes OUT/guard_eval.json and a table
@@ -343,3 +350,54 @@ def model_card_table(report: dict) -> str:
         r = report[kind]
         lines.append(f"| **all {kind}s** | {r['n_unsafe']} | {r['recall']:.2f} | {r['fpr']:.2f} | {r['f1']:.2f} | |")
     return "\n".join(lines)
+
+
+def category_accuracy(model_dir, examples: list[dict]) -> dict:
+    """Teacher-forced category accuracy on unsafe examples: feed prompt + `unsafe\\nS`, take the
+    argmax over the code tokens S1–S14 at the next position (does the model read the topic at all?)."""
+    from collections import Counter
+
+    from herd.model.weights import load_model
+    from herd.tokenizer import load_tokenizer
+    from herd.safety.verdict import CATEGORY_NAMES
+
+    tok = load_tokenizer(str(model_dir))
+    model = load_model(model_dir, dtype=torch.float32).eval()
+    head = tok.encode("unsafe\nS")
+    codes, cid = [], []
+    for c in CATEGORY_NAMES:
+        ids = tok.encode("unsafe\n" + c)
+        if ids[:len(head)] != head or len(ids) != len(head) + 1:
+            raise ValueError(f"{model_dir}: code {c} is not one token after 'unsafe\\nS' in this tokenizer")
+        codes.append(c)
+        cid.append(ids[-1])
+    unsafe = [e for e in examples if e["code"] is not None]
+    pred = []
+    with torch.no_grad():
+        for i in range(0, len(unsafe), 16):
+            rows = [(lambda ids, start: ids[:start + len(head)])(*encode_example(tok, e)) for e in unsafe[i:i + 16]]
+            x = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)  # [B, T], right-padded
+            for r, ids in enumerate(rows):
+                x[r, :len(ids)] = torch.tensor(ids)
+            logits = model(x)  # [B, T, V]
+            pred += [codes[int(logits[r, len(ids) - 1, cid].argmax())] for r, ids in enumerate(rows)]
+    y = [e["code"] for e in unsafe]
+    return {"n": len(y), "accuracy": sum(p == t for p, t in zip(pred, y)) / len(y),
+            "majority_class": Counter(y).most_common(1)[0][1] / len(y), "predicted": dict(Counter(pred))}
+
+
+def bag_of_words_categories(data: dict[str, list[dict]], kind: str = "prompt") -> dict:
+    """How much the data says about the category: TF-IDF word uni/bigrams + logistic regression
+    (scikit-learn, class-balanced) trained on the unsafe training items, scored on the test items."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    tr = [e for e in data["train"] if e["kind"] == kind and e["code"] is not None]
+    te = [e for e in data["test"] if e["kind"] == kind and e["code"] is not None]
+    vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
+    x = vec.fit_transform([e["messages"][-1]["content"] for e in tr])
+    clf = LogisticRegression(C=10, max_iter=3000, class_weight="balanced").fit(x, [e["code"] for e in tr])
+    pred = clf.predict(vec.transform([e["messages"][-1]["content"] for e in te]))
+    y = [e["code"] for e in te]
+    per = {c: sum(p == c for p, t in zip(pred, y) if t == c) / sum(t == c for t in y) for c in sorted(set(y))}
+    return {"n": len(y), "accuracy": sum(p == t for p, t in zip(pred, y)) / len(y), "recall": per}

@@ -66,6 +66,8 @@ def test_tiny_guard_trains_through_the_shared_loop_and_loads(tmp_path, monkeypat
     guard = LlamaGuard.from_pretrained(tmp_path / "g", dtype=torch.float32)
     v = guard.scan("bomb 99")
     assert v.status in ("ok", "parse_error") and 0 <= v.score <= 1
+    acc = tlg.category_accuracy(tmp_path / "g", toy[8:])  # teacher-forced code of the 2 unsafe test items
+    assert acc["n"] == 2 and sum(acc["predicted"].values()) == 2 and acc["accuracy"] in (0.0, 0.5, 1.0)
 
 
 def test_balanced_resampling_repeats_rare_categories_only():
