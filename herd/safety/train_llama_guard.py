@@ -353,34 +353,38 @@ def model_card_table(report: dict) -> str:
 
 
 def category_accuracy(model_dir, examples: list[dict]) -> dict:
-    """Teacher-forced category accuracy on unsafe examples: feed prompt + `unsafe\\nS`, take the
-    argmax over the code tokens S1–S14 at the next position (does the model read the topic at all?)."""
+    """Teacher-forced category accuracy on unsafe examples: after prompt + `unsafe\nS`, the code
+    S1–S14 whose token(s) the model gives the highest log-probability (does it read the topic?)."""
     from collections import Counter
 
     from herd.model.weights import load_model
-    from herd.tokenizer import load_tokenizer
     from herd.safety.verdict import CATEGORY_NAMES
+    from herd.tokenizer import load_tokenizer
 
     tok = load_tokenizer(str(model_dir))
     model = load_model(model_dir, dtype=torch.float32).eval()
     head = tok.encode("unsafe\nS")
-    codes, cid = [], []
-    for c in CATEGORY_NAMES:
+    codes = list(CATEGORY_NAMES)
+    tails = []
+    for c in codes:
         ids = tok.encode("unsafe\n" + c)
-        if ids[:len(head)] != head or len(ids) != len(head) + 1:
-            raise ValueError(f"{model_dir}: code {c} is not one token after 'unsafe\\nS' in this tokenizer")
-        codes.append(c)
-        cid.append(ids[-1])
+        if ids[:len(head)] != head:
+            raise ValueError(f"{model_dir}: 'unsafe\\n{c}' does not start with the tokens of 'unsafe\\nS'")
+        tails.append(ids[len(head):])
     unsafe = [e for e in examples if e["code"] is not None]
     pred = []
     with torch.no_grad():
-        for i in range(0, len(unsafe), 16):
-            rows = [(lambda ids, start: ids[:start + len(head)])(*encode_example(tok, e)) for e in unsafe[i:i + 16]]
-            x = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)  # [B, T], right-padded
-            for r, ids in enumerate(rows):
-                x[r, :len(ids)] = torch.tensor(ids)
-            logits = model(x)  # [B, T, V]
-            pred += [codes[int(logits[r, len(ids) - 1, cid].argmax())] for r, ids in enumerate(rows)]
+        for e in unsafe:
+            ids, start = encode_example(tok, e)
+            prefix = ids[:start + len(head)]
+            rows = [prefix + t for t in tails]  # one row per code
+            x = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)  # [14, T], right-padded
+            for r, row in enumerate(rows):
+                x[r, :len(row)] = torch.tensor(row)
+            logp = torch.log_softmax(model(x).float(), -1)  # [14, T, V]
+            score = [sum(float(logp[r, len(prefix) - 1 + k, t]) for k, t in enumerate(tail))
+                     for r, tail in enumerate(tails)]
+            pred.append(codes[max(range(len(codes)), key=score.__getitem__)])
     y = [e["code"] for e in unsafe]
     return {"n": len(y), "accuracy": sum(p == t for p, t in zip(pred, y)) / len(y),
             "majority_class": Counter(y).most_common(1)[0][1] / len(y), "predicted": dict(Counter(pred))}
