@@ -3,6 +3,8 @@ missing subcommands are "not available", and the --quick pipeline writes a repor
 
 from __future__ import annotations
 
+import json
+
 from herd import speedrun as sr
 
 
@@ -36,5 +38,9 @@ def test_quick_speedrun_writes_a_report_with_every_row(tmp_path):
     md = (tmp_path / "run" / "report.md").read_text()
     assert all(f"| {label} |" in md for label, _, _ in ROWS)
     assert state["stages"]["base"]["status"] == "done"
-    for name in ("tokenizer", "base", "sft_data"):
+    for name in ("tokenizer", "base", "sft_data", "skills_base", "usecases"):
         assert f"| {name} | done |" in md
+    data = json.loads((tmp_path / "run" / "report.json").read_text())
+    for row in ("digit VQA, 1 image (exact match)", "tool use: right calculator call"):
+        assert data["table"][row]["base"] is not None  # the skills stage's numbers reach the table
+    assert "BASE raw" in md and set(data["usecases"]["ask_repo"]) == {"256", "512"}
