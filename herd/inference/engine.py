@@ -5,10 +5,11 @@
     for event in engine.run():          # or engine.step() from a serving loop
         print(event.seq_id, event.token, event.text, event.finish_reason)
 
-Each step (1) prefills at most `prefill_chunk` prompt tokens of one waiting sequence (chunked
-prefill: long prompts are spread over steps, so running sequences keep decoding), then (2)
-decodes one token for every running sequence in a single batched forward, each row at its own
-position. Live sequences occupy cache rows 0 … n-1; when one finishes, the last row moves into
+Each step (1) prefills up to `prefill_chunk` prompt tokens in all, from waiting sequences one
+after another while rows are free (chunked prefill: a long prompt is spread over steps, so running
+sequences keep decoding; short prompts arriving together join the batch several per step instead
+of one per step), then (2) decodes one token for every running sequence in a single batched
+forward, each row at its own position. Live sequences occupy cache rows 0 … n-1; when one finishes, the last row moves into
 its place, so the decode batch is always a contiguous view of the cache (no gather per step).
 Images are encoded once, when the sequence's prefill starts.
 
@@ -142,7 +143,8 @@ class Engine:
     max_batch: rows of the KV cache (sequences decoding at once; more wait in a queue).
     max_seq_len: hard limit on prompt + output tokens per sequence (None: the cache grows).
     capacity: positions reserved per row up front (grows on demand when max_seq_len is None).
-    prefill_chunk: prompt tokens per forward (bounds prefill memory; long prompts take several steps).
+    prefill_chunk: prompt tokens per step (bounds prefill memory and the time running rows wait; long
+    prompts take several steps, short ones share a step). None: one whole prompt per step.
     kv_dtype: None (the model's dtype) or "int8" for the global layers' keys/values.
     tokenizer: enables text deltas and stop strings.
     compile: torch.compile the batch-1 decode step (herd.inference.single).
@@ -257,10 +259,18 @@ class Engine:
         with torch.inference_mode():
             if cancel:
                 self._cancel_now(cancel, events)
-            if self.prefilling is None and self.waiting and len(self.active) < self.max_batch:
-                self._start_prefill(self.waiting.popleft())
-            if self.prefilling is not None:
-                self._prefill_step(events)
+            budget = self.prefill_chunk
+            while True:  # prefill segments until the step's token budget is spent
+                if self.prefilling is None and self.waiting and len(self.active) < self.max_batch:
+                    self._start_prefill(self.waiting.popleft())
+                if self.prefilling is None:
+                    break
+                used = self._prefill_step(events, budget)
+                if budget is None or self.prefilling is not None:
+                    break
+                budget -= used
+                if budget <= 0:
+                    break
             if self.active:
                 self._decode_step(events)
         self.steps += 1
@@ -292,30 +302,32 @@ class Engine:
                 seq.image_offset = seq.prompt[:m].count(self.image_token)
         self.prefilling = seq
 
-    def _prefill_step(self, events: list[Event]) -> None:
+    def _prefill_step(self, events: list[Event], budget: int | None) -> int:
+        """Prefill up to `budget` tokens of the prefilling sequence → tokens prefilled."""
         seq, row = self.prefilling, len(self.active)
         n = len(seq.prompt) - seq.prefilled
-        if self.prefill_chunk is not None:
-            n = min(n, self.prefill_chunk)
+        if budget is not None:
+            n = min(n, budget)
         ids = seq.prompt[seq.prefilled:seq.prefilled + n]
         feats = seq.features[seq.image_offset:] if seq.features is not None else None
         logits, used = prefill_tokens(self.model, self.cache, row, ids, feats, self.image_token, self.decoder)
         seq.prefilled += n
         seq.image_offset += used
         if seq.prefilled < len(seq.prompt):
-            return
+            return n
         self.prefilling = None
         seq.features = None
         if seq.params.max_new_tokens == 0:
             events.append(Event(seq.id, None, finish_reason="length", cached_tokens=seq.reused))
             self._retain(seq, row)
-            return
+            return n
         out = sample(logits[None], [seq.state])
         reason = self._accept(seq, out.tokens[0], out.logprobs[0], out.top_logprobs[0], events)
         if reason is None:
             self.active.append(seq)  # row `row` == len(active) before the append
         else:
             self._retain(seq, row)
+        return n
 
     def _decode_step(self, events: list[Event]) -> None:
         n = len(self.active)

@@ -221,3 +221,30 @@ def test_bad_inputs_raise_clear_errors():
         generate(model, [1, 2], max_new_tokens=2, stop=["x"])
     with pytest.raises(ValueError, match="top_p"):
         generate(model, [1, 2], max_new_tokens=2, top_p=0.0)
+
+
+def test_short_prompts_share_a_steps_prefill_budget():
+    """prefill_chunk bounds the prompt tokens of a step, not the prompts: four 8-token prompts join
+    the batch in one step under a budget of 32; a 40-token prompt then takes the next two steps
+    (32 + 8 tokens) — and every sequence decodes as it does alone."""
+    model = _model()
+    short = _prompts([8, 8, 8, 8], seed=5)
+    long = _prompts([40], seed=6)[0]
+    params = SamplingParams(max_new_tokens=6, stop_token_ids=[])
+    engine = Engine(model, max_batch=5, prefill_chunk=32)
+    for i, p in enumerate(short):
+        engine.add(p, params, seq_id=i)
+    engine.add(long, params, seq_id="long")
+    events = engine.step()
+    assert len(engine.active) == 4 and engine.prefilling is None and len(engine.waiting) == 1  # budget spent
+    events += engine.step()
+    assert engine.prefilling is not None and engine.prefilling.prefilled == 32
+    events += engine.step()
+    assert engine.prefilling is None and len(engine.active) == 5
+    out: dict = {}
+    for ev in events + list(engine.run()):
+        if ev.token is not None:
+            out.setdefault(ev.seq_id, []).append(ev.token)
+    for i, p in enumerate(short):
+        assert out[i] == generate(model, p, max_new_tokens=6, stop_token_ids=[])[0]
+    assert out["long"] == generate(model, long, max_new_tokens=6, stop_token_ids=[])[0]
