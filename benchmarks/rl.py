@@ -1,21 +1,30 @@
-"""Online RL claims, side by side in one run: hard-prompt pool vs uniform prompts, asynchronous
-(staleness 1) vs synchronous Ray workers, herd vs TRL's GRPOTrainer.
+"""Online RL claims (issue 13): hard-prompt pool vs uniform prompts, asynchronous (staleness 1) vs
+synchronous Ray workers, herd vs TRL's GRPOTrainer.
 
-    python benchmarks/rl.py --init runs/sft --tasks chain_sum,spell_backward --steps 40 --out runs/bench_rl
+    # reward per learner step, not timing-dependent (1 thread, any machine):
+    python benchmarks/rl.py --claim hard --init runs/speedrun/sft --tasks chain_sum --seeds 0,1 --steps 40 \
+        --out runs/bench_rl --result benchmarks/results/rl_hard_vs_uniform.json
+    # samples/s and wall-clock, timing-dependent (an idle machine, all its cores):
+    python benchmarks/rl.py --claim timing --init runs/speedrun/sft --tasks chain_sum --steps 20 \
+        --out runs/bench_rl --result benchmarks/results/rl_async_vs_sync.json
     python benchmarks/rl.py --smoke        # a random tiny model, 2 steps each: checks the script runs
 
-Runs (all from --init, same seed, G, prompts per step, completion length and rewards):
-  pool      herd rl, in-process worker, staleness 0, prompts from the pass-rate pool (τ = 0.75)
-  uniform   the same with --uniform (prompts drawn uniformly; zero-advantage groups still dropped)
-  sync      herd rl, 2 Ray workers, --max-staleness 0
-  async     herd rl, 2 Ray workers, --max-staleness 1
-  trl       TRL GRPOTrainer on the same directory loaded as transformers' Llama4ForCausalLM, the same
-            prompts (rendered in the Llama 4 chat format), the same reward functions (herd's are TRL
-            callables), G, completion length, β = 0, for the wall-clock seconds the herd `sync` run took
-Reported: held-out reward (greedy, eval/reward) per learner step and per wall second, samples/s
-(completions generated ÷ wall), wall-clock to a target training reward (--target). Goals (issue
-13): herd ≥ 5× TRL samples/s; async ≥ 1.3× sync samples/s; pool ≥ uniform reward per step.
-Writes OUT/rl.json, OUT/rl.md and OUT/rl.png. Timings need an idle machine.
+Runs (all from --init, same G, prompts per step, completion length, rewards, learning rate):
+  pool_s{seed}     herd rl, in-process worker, staleness 0, prompts from the pass-rate pool (τ = 0.75)
+  uniform_s{seed}  the same with --uniform (prompts drawn uniformly; zero-advantage groups still dropped)
+  sync             herd rl, learner + 2 rollout workers as Ray actors, --max-staleness 0
+  async            the same with --max-staleness 1
+  trl              TRL GRPOTrainer on the same directory loaded as transformers' Llama4ForCausalLM, the same
+                   prompts (rendered in the Llama 4 chat format), the same reward functions (herd's are TRL
+                   callables), G, completion length, β = 0, for the wall-clock seconds the herd `sync` run took
+Reported: held-out reward (greedy, eval/reward on the tasks' held-out split) per learner step, samples/s
+(completions generated ÷ loop wall-clock), wall-clock to a training reward both sync and async reach
+(--target, default: the lower of their final 3-step means). Claims (report-card JSON,
+herd/evals/report.py CLAIMS): pool ≥ uniform in held-out reward averaged over the evaluations and
+seeds; async reaches the common reward in less wall-clock than sync (goal also: async ≥ 1.3× sync
+samples/s, herd ≥ 5× TRL samples/s). A run directory that already holds a finished run of the same
+name is reused (delete it to rerun). Writes OUT/rl.json, OUT/rl.md (every run found: the combined
+table) and OUT/rl.png.
 """
 
 from __future__ import annotations
@@ -36,35 +45,64 @@ def rows_of(out: Path) -> list[dict]:
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
 
 
-def herd_run(name: str, out: Path, args, extra: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "herd", "rl", "--init", args.init, "--tasks", args.tasks, "--out", str(out / name),
+def finished(d: Path, steps: int) -> bool:
+    """d holds a run that reached `steps` with a held-out evaluation there (constant LR: a longer run
+    stopped at that step is the same run)."""
+    try:
+        return any(r["step"] == steps and "eval/reward" in r for r in rows_of(d))
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def herd_run(name: str, out: Path, args, extra: list[str], seed: int | None = None) -> dict:
+    d = out / name
+    seed = args.seed if seed is None else seed
+    cmd = [sys.executable, "-m", "herd", "rl", "--init", args.init, "--tasks", args.tasks, "--out", str(d),
            "--max-steps", str(args.steps), "--group-size", str(args.group_size),
            "--prompts-per-step", str(args.prompts), "--max-new-tokens", str(args.max_new_tokens),
-           "--eval-every", str(max(1, args.steps // 4)), "--eval-prompts", str(args.eval_prompts),
-           "--ckpt-every", str(args.steps), "--per-task", str(args.per_task), "--seed", str(args.seed),
-           "--rewards", args.rewards, "--lr", str(args.lr), "--no-progress", *extra]
-    t = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    wall = time.perf_counter() - t
-    if r.returncode != 0:
-        errs = [x for x in r.stderr.splitlines() if "rror" in x] or [f"exit {r.returncode}"]
-        return {"name": name, "error": errs[-1].strip()}
-    rows = rows_of(out / name)
-    summary = json.loads((out / name / "summary.json").read_text())
-    return {"name": name, "wall_s": round(wall, 1), "loop_s": summary["wall_s"],
-            "samples": summary["total_samples"],
-            "samples_per_s": round(summary["total_samples"] / summary["wall_s"], 2),
+           "--eval-every", str(args.eval_every or max(1, args.steps // 4)), "--eval-prompts", str(args.eval_prompts),
+           "--ckpt-every", str(args.steps), "--per-task", str(args.per_task), "--seed", str(seed),
+           "--rewards", args.rewards, "--lr", str(args.lr), "--constant-steps", "1000", "--no-progress", *extra]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    wall = None
+    if not finished(d, args.steps):
+        t = time.perf_counter()
+        r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        wall = round(time.perf_counter() - t, 1)
+        if r.returncode != 0:
+            errs = [x for x in r.stderr.splitlines() if "rror" in x] or [f"exit {r.returncode}"]
+            return {"name": name, "error": errs[-1].strip()}
+    rows = [r for r in rows_of(d) if r["step"] <= args.steps]
+    summary = json.loads((d / "summary.json").read_text()) if (d / "summary.json").exists() else {}
+    initial = json.loads((d / "initial_eval.json").read_text())
+    # samples/s from the last row (cumulative samples ÷ loop seconds): also right for a run stopped early
+    sps = rows[-1]["samples_per_s"]
+    loop_s = summary.get("wall_s") if summary.get("step") == args.steps else None
+    return {"name": name, "seed": seed, "cmd": " ".join(cmd[1:]), "wall_s": wall, "loop_s": loop_s,
+            "samples_per_s": round(sps, 2), "samples": summary.get("total_samples"),
+            "initial_eval": initial.get("eval/reward"), "initial_accuracy": initial.get("eval/accuracy"),
             "eval": [(r["step"], r["eval/reward"]) for r in rows if "eval/reward" in r],
-            "reward": [(r["step"], r["reward"]) for r in rows], "pool": summary.get("pool")}
+            "accuracy": [(r["step"], r["eval/accuracy"]) for r in rows if "eval/accuracy" in r],
+            "reward": [(r["step"], r["reward"]) for r in rows], "pool": summary.get("pool"),
+            # the mechanism: groups with a learning signal per step, zero-advantage groups dropped
+            "groups_kept_per_step": round(mean(r.get("groups/kept") for r in rows) or 0, 3),
+            "zero_adv_dropped_per_step": round(mean(r.get("groups/zero_adv_dropped") for r in rows) or 0, 3)}
+
+
+def smoothed(run: dict) -> list[float]:
+    """Training reward, mean of the last 3 steps at each step."""
+    rw = [v for _, v in run.get("reward", [])]
+    return [sum(rw[max(0, i - 2): i + 1]) / len(rw[max(0, i - 2): i + 1]) for i in range(len(rw))]
 
 
 def time_to(run: dict, target: float, steps_wall: float) -> float | None:
-    """Wall seconds until the training reward (mean of the last 3 steps) first reaches target."""
-    rw = [v for _, v in run.get("reward", [])]
-    for i in range(len(rw)):
-        window = rw[max(0, i - 2): i + 1]
-        if sum(window) / len(window) >= target:
-            return round(steps_wall * (i + 1) / len(rw), 1)
+    """Wall seconds until the smoothed training reward first reaches target (a step's time taken as
+    the loop's wall-clock spread evenly over its steps)."""
+    sm = smoothed(run)
+    for i, v in enumerate(sm):
+        if v >= target - 1e-9:
+            return round(steps_wall * (i + 1) / len(sm), 1)
     return None
 
 
@@ -143,94 +181,218 @@ def smoke_model(out: Path) -> str:
     return str(d)
 
 
+def mean(xs) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def commit() -> str | None:
+    r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    return r.stdout.strip() or None
+
+
+def config_of(args) -> dict:
+    return {k: getattr(args, k) for k in ("init", "tasks", "steps", "group_size", "prompts", "max_new_tokens",
+                                          "eval_prompts", "per_task", "rewards", "lr", "threads")}
+
+
+def hard_claim(out: Path, args) -> tuple[dict, dict]:
+    """pool vs uniform, per seed, in-process worker at staleness 0 → (result JSON, runs)."""
+    runs = {}
+    for seed in args.seeds:
+        for arm, extra in (("pool", []), ("uniform", ["--uniform"])):
+            name = f"{arm}_s{seed}"
+            print(f"running {name} ...", flush=True)
+            runs[name] = herd_run(name, out, args, ["--workers", "0", "--max-staleness", "0", *extra], seed)
+            print(json.dumps(runs[name])[:200], flush=True)
+    per_seed, curve = [], {}
+    for seed in args.seeds:
+        p, u = runs[f"pool_s{seed}"], runs[f"uniform_s{seed}"]
+        if "error" in p or "error" in u:
+            continue
+        per_seed.append({"seed": seed, "initial_eval": p["initial_eval"],
+                         "pool_mean_eval": mean(v for _, v in p["eval"]),
+                         "uniform_mean_eval": mean(v for _, v in u["eval"]),
+                         "pool_final_eval": p["eval"][-1][1], "uniform_final_eval": u["eval"][-1][1],
+                         "pool_final_accuracy": p["accuracy"][-1][1], "uniform_final_accuracy": u["accuracy"][-1][1],
+                         "pool_groups_kept_per_step": p["groups_kept_per_step"],
+                         "uniform_groups_kept_per_step": u["groups_kept_per_step"]})
+        for arm, r in (("pool", p), ("uniform", u)):
+            for step, v in [(0, r["initial_eval"]), *r["eval"]]:
+                curve.setdefault(step, {}).setdefault(arm, []).append(v)
+    pm, um = mean(s["pool_mean_eval"] for s in per_seed), mean(s["uniform_mean_eval"] for s in per_seed)
+    margin = None if pm is None or um is None else pm - um
+    wins = sum(s["pool_mean_eval"] >= s["uniform_mean_eval"] for s in per_seed)
+    claim = {"pass": margin is not None and margin >= 0, "margin": None if margin is None else round(margin, 4),
+             "smoke": args.smoke,
+             "metric": "held-out reward (greedy, eval/reward) averaged over the evaluations of a run, then over "
+                       "seeds: pool minus uniform", "seeds": len(per_seed), "seeds_pool_ahead": wins}
+    table = [[step, *(round(mean(curve[step].get(a, [])) or 0, 4) for a in ("pool", "uniform"))]
+             for step in sorted(curve)]
+    result = {"claim": claim, "commit": commit(), "machine": machine_line(), "config": config_of(args),
+              "per_seed": per_seed,
+              "heldout_reward_by_step": [{"step": s, "pool": a, "uniform": b} for s, a, b in table],
+              "before_after_rl": {"initial_eval_reward": mean(s["initial_eval"] for s in per_seed),
+                                  "after_pool_rl_eval_reward": mean(s["pool_final_eval"] for s in per_seed),
+                                  "after_uniform_rl_eval_reward": mean(s["uniform_final_eval"] for s in per_seed),
+                                  "after_pool_rl_accuracy": mean(s["pool_final_accuracy"] for s in per_seed),
+                                  "initial_accuracy": mean(runs[f"pool_s{s['seed']}"]["initial_accuracy"]
+                                                           for s in per_seed)},
+              "runs": runs}
+    return result, runs
+
+
+def timing_claim(out: Path, args) -> tuple[dict, dict]:
+    """sync vs async Ray workers, and TRL for the sync run's wall-clock → (result JSON, runs)."""
+    runs = {}
+    for name, stale in (("sync", "0"), ("async", "1")):
+        print(f"running {name} ...", flush=True)
+        runs[name] = herd_run(name, out, args, ["--workers", "2", "--max-staleness", stale])
+        print(json.dumps(runs[name])[:200], flush=True)
+    if not args.no_trl:
+        budget = runs["sync"].get("loop_s") or 120.0
+        print(f"running trl (budget {budget:.0f} s) ...", flush=True)
+        runs["trl"] = trl_run(out, args, budget)
+        print(json.dumps(runs["trl"])[:200], flush=True)
+    s, a = runs["sync"], runs["async"]
+    ok = "error" not in s and "error" not in a and s.get("loop_s") and a.get("loop_s")
+    target = args.target
+    if ok and target is None:  # a reward both reach: the lower of their final smoothed training rewards
+        target = round(min(smoothed(s)[-1], smoothed(a)[-1]), 4)
+    t_s = time_to(s, target, s["loop_s"]) if ok else None
+    t_a = time_to(a, target, a["loop_s"]) if ok else None
+    margin = (t_s - t_a) / t_s if t_s and t_a is not None else None
+    ratio = lambda x, y: (round(runs[x]["samples_per_s"] / runs[y]["samples_per_s"], 3)  # noqa: E731
+                          if x in runs and y in runs and "error" not in runs[x] and "error" not in runs[y] else None)
+    claim = {"pass": margin is not None and margin > 0, "margin": None if margin is None else round(margin, 4),
+             "smoke": args.smoke,
+             "metric": "(sync − async) ÷ sync wall-clock seconds to a training reward both reach (3-step mean)",
+             "target_reward": target, "sync_s_to_target": t_s, "async_s_to_target": t_a}
+    result = {"claim": claim, "commit": commit(), "machine": machine_line(), "config": config_of(args),
+              "samples_per_s": {k: r.get("samples_per_s") for k, r in runs.items()},
+              "ratios": {"async_over_sync_samples_per_s": ratio("async", "sync"), "goal_async_over_sync": 1.3,
+                         "herd_sync_over_trl_samples_per_s": ratio("sync", "trl"), "goal_herd_over_trl": 5.0},
+              "runs": runs}
+    return result, runs
+
+
+def machine_line() -> str:
+    from common import machine
+
+    return f"{machine()}; load {os.getloadavg()[0]:.2f}"
+
+
+def combined_table(runs: dict, target: float | None) -> str:
+    from common import markdown_table
+
+    rows = []
+    for name, r in sorted(runs.items()):
+        if "error" in r:
+            rows.append([name, "error: " + r["error"][:80], "", "", "", "", ""])
+            continue
+        loop = r.get("loop_s")
+        rows.append([name, r.get("samples_per_s"), r.get("samples") or "", loop or "",
+                     r.get("initial_eval", "") if r.get("initial_eval") is not None else "",
+                     r["eval"][-1][1] if r.get("eval") else "",
+                     (time_to(r, target, loop) if target is not None and loop else "") or ""])
+    return markdown_table(["run", "samples/s", "samples", "loop wall s", "held-out reward before",
+                           "held-out reward after (last eval)", f"s to train reward ≥ {target}"], rows)
+
+
+def plot(runs: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
+    for name, r in sorted(runs.items()):
+        if r.get("eval"):
+            axes[0].plot(*zip(*[(0, r["initial_eval"]), *r["eval"]]), "o-" if name.startswith("pool") else "s--",
+                         label=name, ms=4)
+        if r.get("reward") and r.get("loop_s") and name in ("sync", "async", "trl"):
+            steps = [s for s, _ in r["reward"]]
+            axes[1].plot([r["loop_s"] * s / max(steps) for s in steps], [v for _, v in r["reward"]], label=name)
+    axes[0].set(xlabel="learner step", ylabel="held-out reward (greedy)", title="hard-prompt pool vs uniform")
+    axes[1].set(xlabel="wall-clock s", ylabel="training reward", title="async vs sync vs TRL")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--claim", choices=("hard", "timing", "all"), default="all",
+                   help="hard: pool vs uniform (reward per step); timing: async vs sync vs TRL (an idle machine)")
     p.add_argument("--init", help="model directory (an SFT run's --out)")
-    p.add_argument("--tasks", default="chain_sum,spell_backward")
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--tasks", default="chain_sum")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--eval-every", type=int, default=0, help="held-out evaluation every N steps (0: steps // 3)")
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--prompts", type=int, default=8, help="prompts per step")
     p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--eval-prompts", type=int, default=64)
+    p.add_argument("--eval-prompts", type=int, default=128)
     p.add_argument("--per-task", type=int, default=400)
     p.add_argument("--rewards", default="correctness:1,format:0.2")
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--target", type=float, default=0.5, help="training reward for the time-to-target column")
+    p.add_argument("--seed", type=int, default=0, help="seed of the timing runs")
+    p.add_argument("--seeds", default="0,1", help="seeds of the pool/uniform runs")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the learner (herd rl --threads)")
+    p.add_argument("--target", type=float, default=None,
+                   help="training reward for the time-to-target (default: the lower final of sync and async)")
     p.add_argument("--trl-python", default=sys.executable, help="python of the environment with trl (the oracle venv)")
-    p.add_argument("--skip", default="", help="comma-separated runs to skip (pool, uniform, sync, async, trl)")
+    p.add_argument("--no-trl", action="store_true", help="skip the TRL run")
     p.add_argument("--out", default="runs/bench_rl")
+    p.add_argument("--result", default=None, help="write the claim's report-card JSON here (one --claim only)")
     p.add_argument("--smoke", action="store_true", help="random tiny model, 2 steps per run")
     args = p.parse_args()
+    args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    args.eval_every = args.eval_every or max(1, args.steps // 3)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.smoke:
         args.init = args.init or smoke_model(out)
-        args.steps, args.group_size, args.prompts, args.max_new_tokens = 2, 4, 2, 6
+        args.steps, args.eval_every, args.group_size, args.prompts, args.max_new_tokens = 2, 1, 4, 2, 6
         args.eval_prompts, args.per_task, args.rewards = 4, 40, "format:1"
     if not args.init:
         p.error("--init DIR is required (or --smoke)")
-    skip = set(filter(None, args.skip.split(",")))
-    from common import machine, markdown_table
-
-    runs = {}
-    plan = [("pool", ["--workers", "0", "--max-staleness", "0"]),
-            ("uniform", ["--workers", "0", "--max-staleness", "0", "--uniform"]),
-            ("sync", ["--workers", "2", "--max-staleness", "0"]),
-            ("async", ["--workers", "2", "--max-staleness", "1"])]
-    for name, extra in plan:
-        if name not in skip:
-            print(f"running {name} ...", flush=True)
-            runs[name] = herd_run(name, out, args, extra + (["--constant-steps", "1000"] if args.smoke else []))
-            print(json.dumps(runs[name])[:300], flush=True)
-    if "trl" not in skip:
-        budget = runs.get("sync", {}).get("loop_s") or 600.0
-        print(f"running trl (budget {budget:.0f} s) ...", flush=True)
-        runs["trl"] = trl_run(out, args, budget)
-        print(json.dumps(runs["trl"])[:300], flush=True)
-
-    table = []
-    for name, r in runs.items():
-        if "error" in r:
-            table.append([name, "error: " + r["error"][:80], "", "", "", ""])
-            continue
-        final = r["eval"][-1][1] if r["eval"] else ""
-        table.append([name, r["samples_per_s"], r["samples"], r["loop_s"], final, time_to(r, args.target, r["loop_s"])])
-    md = [f"machine: {machine()}; load {os.getloadavg()[0]:.2f}", "",
-          markdown_table(["run", "samples/s", "samples", "wall s", "held-out reward (last eval)",
-                          f"s to train reward ≥ {args.target}"], table)]
-    ratio = lambda a, b: (runs[a]["samples_per_s"] / runs[b]["samples_per_s"]  # noqa: E731
-                          if a in runs and b in runs and "error" not in runs[a] and "error" not in runs[b] else None)
-    for label, a, b, goal in [("async ÷ sync samples/s", "async", "sync", 1.3),
-                              ("herd sync (2 Ray workers) ÷ TRL samples/s", "sync", "trl", 5.0),
-                              ("herd in-process (pool) ÷ TRL samples/s", "pool", "trl", 5.0)]:
-        v = ratio(a, b)
-        md.append(f"- {label}: {v:.2f} (goal ≥ {goal})" if v else f"- {label}: n/a")
+    if args.result and args.claim == "all":
+        p.error("--result needs one --claim (hard or timing)")
+    results = {}
+    if args.claim in ("hard", "all"):
+        results["hard"], _ = hard_claim(out, args)
+    if args.claim in ("timing", "all"):
+        results["timing"], _ = timing_claim(out, args)
+    store = out / "rl.json"  # every run of every claim in OUT: the combined table
+    merged = json.loads(store.read_text()) if store.exists() else {}
+    for r in results.values():
+        merged.update(r["runs"])
+    store.write_text(json.dumps(merged, indent=2) + "\n")
+    target = results.get("timing", {}).get("claim", {}).get("target_reward")
+    md = [f"machine: {machine_line()}", "", combined_table(merged, target), ""]
+    for kind, r in results.items():
+        md.append(f"- {kind}: claim {json.dumps(r['claim'])}")
+        if kind == "timing":
+            md.append(f"- ratios: {json.dumps(r['ratios'])}")
+        if kind == "hard":
+            md.append(f"- before/after RL: {json.dumps(r['before_after_rl'])}")
     (out / "rl.md").write_text("\n".join(md) + "\n")
-    (out / "rl.json").write_text(json.dumps(runs, indent=2) + "\n")
     print("\n".join(md))
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
-        for name, r in runs.items():
-            if r.get("eval"):
-                axes[0].plot(*zip(*r["eval"]), "o-", label=name)
-            if r.get("reward"):
-                steps = [s for s, _ in r["reward"]]
-                axes[1].plot([r["loop_s"] * s / max(steps) for s in steps], [v for _, v in r["reward"]], label=name)
-        axes[0].set(xlabel="learner step", ylabel="held-out reward (greedy)")
-        axes[1].set(xlabel="wall-clock s", ylabel="training reward")
-        for ax in axes:
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "rl.png")
+        plot(merged, out / "rl.png")
     except Exception as e:  # the table is the result; a plot failure should not hide it
         print(f"plot failed: {e}")
+    if args.result:
+        (res,) = results.values()
+        Path(args.result).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.result).write_text(json.dumps(res, indent=2) + "\n")
+        if (out / "rl.png").exists():
+            Path(args.result).with_suffix(".png").write_bytes((out / "rl.png").read_bytes())
+        print(f"wrote {args.result}")
 
 
 if __name__ == "__main__":
