@@ -334,7 +334,8 @@ class PrefixStore:
         m = store.restore(cache, row, prompt, image_features, image_token)   # → prompt tokens now cached
 
     An entry is one row copied out of a KVCache: every layer's keys/values for the row's first n
-    positions (global layers), or the row's ring (chunked layers: the chunk holding position n-1),
+    positions (global layers), or the used part of the row's ring (chunked layers: the positions of
+    the chunk holding position n-1, which sit in slots 0 … (n-1) % chunk),
     keyed by the n token ids it holds. Entries are evicted least-recently-used first once their
     bytes pass `max_bytes`; a row larger than the budget is not kept.
 
@@ -371,7 +372,7 @@ class PrefixStore:
             raise ValueError(f"row {row} holds {n} positions but only {len(tokens)} tokens were given")
         layers, size = [], 0
         for i in range(cache.num_layers):
-            m = n if cache.chunks[i] is None else cache.k[i].shape[2]
+            m = cache.positions_held(i, row)  # global: all n; chunked: slots 0 … (n-1) % c, the last chunk
             t = [None if x is None else x[row, :, :m].clone() for x in
                  (cache.k[i], cache.v[i], cache.k_scale[i], cache.v_scale[i])]
             size += sum(x.numel() * x.element_size() for x in t if x is not None)

@@ -96,6 +96,9 @@ def test_store_evicts_least_recently_used_under_its_memory_bound():
     probe = herd.Engine(model, max_batch=1, prefix_cache_bytes=1 << 30)
     _run(probe, list(range(1, 21)), _greedy(1, None))
     one = probe.prefix.nbytes  # one 20-position row
+    cfg = model.config.text  # 1 global layer keeps 20 positions, 3 chunked layers the 4 of chunk 16…19
+    assert sum(cfg.is_chunked(i) for i in range(4)) == 3
+    assert one == (20 + 3 * 4) * cfg.num_key_value_heads * cfg.head_dim * 2 * 4  # k and v, float32
     eng = herd.Engine(model, max_batch=1, prefix_cache_bytes=int(2.5 * one))
     a, b, c = list(range(1, 21)), list(range(101, 121)), list(range(201, 221))
     _run(eng, a, _greedy(1, None))
