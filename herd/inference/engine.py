@@ -9,9 +9,9 @@ Each step (1) prefills up to `prefill_chunk` prompt tokens in all, from waiting 
 after another while rows are free (chunked prefill: a long prompt is spread over steps, so running
 sequences keep decoding; short prompts arriving together join the batch several per step instead
 of one per step), then (2) decodes one token for every running sequence in a single batched
-forward, each row at its own position. Live sequences occupy cache rows 0 … n-1; when one finishes, the last row moves into
-its place, so the decode batch is always a contiguous view of the cache (no gather per step).
-Images are encoded once, when the sequence's prefill starts.
+forward, each row at its own position. Live sequences occupy cache rows 0 … n-1; when one
+finishes, the last row moves into its place, so the decode batch is always a contiguous view of
+the cache (no gather per step). Images are encoded once, when the sequence's prefill starts.
 
 Prefix reuse across requests (`prefix_cache_bytes` > 0): when a sequence finishes (stop or length;
 never a cancelled one) its cache row is copied into a bounded LRU store
