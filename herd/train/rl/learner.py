@@ -419,7 +419,8 @@ class RolloutSource:
 
     def _stats(self, version, kept, scored, per_fn_all, errors, zero_adv, stale) -> dict:
         rewards = [x for r in scored for x in r.rewards if x is not None]
-        stds = [torch.tensor([x for x in r.rewards if x is not None]).std().item() for r in scored]
+        valid = [[x for x in r.rewards if x is not None] for r in scored]
+        stds = [torch.tensor(v).std().item() for v in valid]
         comps = [c for r in kept for c in r.completions]
         n_samples = sum(len(r.completions) for r in scored)
         self.totals["samples"] += n_samples
@@ -428,7 +429,8 @@ class RolloutSource:
         lag = [version - r.version for r in kept]
         mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
         stats = {"reward": mean(rewards), "reward_std": mean(stds),
-                 "frac_reward_zero_std": mean([float(s == 0) for s in stds]) if stds else 1.0,
+                 # equal rewards, compared exactly: float32 std of [0.2] * 8 is ~1e-8, not 0
+                 "frac_reward_zero_std": mean([float(max(v) == min(v)) for v in valid]) if valid else 1.0,
                  "completions/mean_length": mean([len(c.token_ids) for c in comps]),
                  "completions/clipped_ratio": mean([float(c.finish_reason == "length") for c in comps]),
                  **{f"rewards/{k}/mean": mean(v) for k, v in per_fn_all.items()},

@@ -131,3 +131,13 @@ def test_source_state_round_trips():
     b.load_state_dict(a.state_dict())
     assert b.step == 2 and b.pool.state_dict() == a.pool.state_dict()
     assert b.backend.published == [] and (next(b), b.backend.published)[1] == [2]  # resumes publishing its version
+
+
+def test_frac_reward_zero_std_counts_equal_groups_whose_float32_std_is_not_zero():
+    """[1.2] * 8 has a float32 std of ~1e-7, not 0: equal rewards are counted by comparing them."""
+    src = make_source([ALL * 2, MIXED * 2, MIXED * 2], max_staleness=0, refill_rounds=10)
+    src.cfg.group_size = 8
+    src.reward_weights = {"correctness": 1.2}
+    st = next(src).stats
+    assert st["groups/zero_adv_dropped"] == 1
+    assert st["frac_reward_zero_std"] == pytest.approx(1 / 3)
