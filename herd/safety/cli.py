@@ -95,7 +95,8 @@ def _cmd_train_llama(args) -> int:
 
     cfg = GuardTrainConfig(out=args.out, max_steps=args.max_steps, resume=args.resume, seed=args.seed,
                            eval_limit=args.eval_limit, balance_power=args.balance_power, code_weight=args.code_weight,
-                           init=args.init, lr=args.lr if args.lr is not None else GuardTrainConfig.lr)
+                           init=args.init, from_base=args.from_base,
+                           lr=args.lr if args.lr is not None else 1e-3 if args.from_base else GuardTrainConfig.lr)
     summary = train(cfg)
     print(summary["eval"]["table"])
     return 0
@@ -152,6 +153,8 @@ def add_guard_subcommand(subparsers) -> None:
                    help="repeat unsafe examples of category c round((n_max/n_c)**p) times (0: off)")
     q.add_argument("--code-weight", type=float, default=4.0, help="loss weight of the category-code token")
     q.add_argument("--init", help="continue from a trained tiny-guard directory (its weights and tokenizer)")
-    q.add_argument("--lr", type=float, help="peak learning rate (default 3e-3)")
+    q.add_argument("--from-base", help="fine-tune a pre-trained herd model directory pruned to its shared experts "
+                   "(as Llama Guard 4 was pruned from Scout; its tokenizer becomes the guard's)")
+    q.add_argument("--lr", type=float, help="peak learning rate (default 3e-3 from scratch, 1e-3 with --from-base)")
     q.set_defaults(func=_cmd_train_llama)
 

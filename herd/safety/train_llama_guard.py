@@ -1,6 +1,7 @@
 """A tiny Llama Guard: a guard4-shaped herd model trained to answer in Llama Guard 4's verdict format.
 
     herd guard train-llama --out runs/tiny-guard        (≈ 35 min + 4 min evaluation on one busy core)
+    herd guard train-llama --from-base runs/speedrun/base --out runs/tiny-guard-pruned
 
 What it learns: given Llama Guard 4's exact prompt (herd.safety.llama_guard.render_prompt, default
 S1–S14 categories, wrapped in the Llama 4 chat format), answer `safe` or `unsafe\\nS<k>` then
@@ -9,7 +10,14 @@ classification). It is trained from scratch — herd has no pre-trained base at 
 learns the task, not language: a measure of the recipe and the plumbing (prompt → model →
 parser → verdict → metrics), not a substitute for the 12B model.
 
-Model: the guard4 preset's shape (dense SwiGLU in every layer, full attention, RoPE everywhere;
+Two starts. From scratch (the default) — below. Or `--from-base DIR`, as Meta made Llama Guard 4
+from Llama 4 Scout: a pre-trained herd MoE (a Hugging Face directory such as the speedrun's base)
+pruned to its shared experts (herd.model.prune: routers and routed experts dropped, each MoE
+layer's shared expert kept as its dense MLP; the vision tower dropped, this guard reads text
+only), then fine-tuned with the same recipe; the base's tokenizer becomes the guard's and the
+base's attention (RoPE/NoPE layers, chunking) is kept. BENCHMARKS.md compares the two.
+
+Model from scratch: the guard4 preset's shape (dense SwiGLU in every layer, full attention, RoPE everywhere;
 no routed experts) at hidden 128, 4 layers, 4 heads / 1 KV head, vocabulary 2,048 (a byte-level
 BPE trained here on the training texts; Llama 4 specials at the top), text only.
 
@@ -90,6 +98,8 @@ class GuardTrainConfig(LoopConfig):
     code_weight: float = field(default=4.0, metadata={"help": "loss weight of the category-code token(s)"})
     init: str | None = field(default=None, metadata={"help": "continue from this tiny-guard directory's weights "
                                                      "and tokenizer (a fresh schedule and optimizer)"})
+    from_base: str | None = field(default=None, metadata={"help": "start from this pre-trained herd model "
+                                                          "directory, pruned to its shared experts (its tokenizer)"})
 
 
 def split_of(item_id: str) -> str:
@@ -165,6 +175,21 @@ def model_config(vocab: int, hidden: int, layers: int):
     tc.eos_token_id = [base + SPECIAL_OFFSETS["end_of_text"], base + SPECIAL_OFFSETS["eom"], base + 8]
     tc.source_keys = None
     return ModelConfig(text=tc, vision=None, tie_word_embeddings=False, name="tiny-guard")
+
+
+def pruned_base(directory, device="cpu"):
+    """The guard's starting point, made as Llama Guard 4 was made from Scout: a pre-trained herd
+    model (a Hugging Face directory) with every MoE layer pruned to its shared expert and the
+    vision tower dropped (this guard reads text only). Attention stays the base's (its RoPE/NoPE
+    layers and chunking), so the start is the base's function minus its routed experts."""
+    from herd.model.prune import prune_to_shared_expert
+    from herd.train.loop import init_from
+
+    try:
+        base = init_from(directory, device)[0]
+    except ValueError as e:
+        raise ValueError(str(e).replace("--init", "--from-base")) from None
+    return prune_to_shared_expert(base, text_only=True)
 
 
 def encode_example(tok, ex: dict) -> tuple[list[int], int]:
@@ -255,10 +280,12 @@ def train(cfg: GuardTrainConfig) -> dict:
     from herd.train.loop import build_optimizer, run, validation_loss
 
     cfg.validate()
+    if cfg.init and cfg.from_base:
+        raise ValueError("--init and --from-base both name the starting weights: give one")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     data = build_examples(cfg.benign_prompts, cfg.seed)
-    tok_dir = Path(cfg.init) if cfg.init else out / "tokenizer"
+    tok_dir = Path(cfg.init or cfg.from_base or out / "tokenizer")
     if not (tok_dir / "tokenizer.json").exists():
         from herd.safety.llama_guard import render_text
 
@@ -271,6 +298,8 @@ def train(cfg: GuardTrainConfig) -> dict:
         from herd.train.loop import init_from
 
         model = init_from(cfg.init, env.device)[0]
+    elif cfg.from_base:
+        model = pruned_base(cfg.from_base, env.device)
     else:
         model = build_model(model_config(cfg.vocab_size, cfg.hidden, cfg.layers)).to(env.device)
         model.init_weights()
