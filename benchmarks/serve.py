@@ -75,6 +75,8 @@ async def one_stream(client: httpx.AsyncClient, url: str, prompt: list[int], max
             if not line.startswith("data: ") or line.strip() == "data: [DONE]":
                 continue
             c = json.loads(line[6:])
+            if "error" in c:  # an error event after the stream started: a broken run, not a slow one
+                raise RuntimeError(f"{url}: {c['error'].get('message')}")
             if c.get("choices") and ttft is None:
                 ttft = time.perf_counter() - t0
             if c.get("usage"):
@@ -287,7 +289,8 @@ def main() -> None:
             sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
             from herd.tokenizer_train import train_tokenizer
 
-            train_tokenizer(["The quick brown fox jumps over the lazy dog. " * 50], 512, tmp / "tok")
+            # the model's own vocabulary size (filler tokens pad it): the server decodes every id it generates
+            train_tokenizer(["The quick brown fox jumps over the lazy dog. " * 50], vocab, tmp / "tok")
             args.tokenizer = str(tmp / "tok")
     max_c = max(args.concurrency)
     max_len = args.prompt_tokens + args.max_tokens + 8
