@@ -42,6 +42,8 @@ def add_train_subcommand(subparsers) -> None:
     p.add_argument("--no-metap", dest="metap", action="store_false",
                    help="ablation: standard init (std 0.02) and one learning rate for all parameters")
     p.add_argument("--metap-base-width", type=int, default=d.metap_base_width)
+    p.add_argument("--vision-lr-mult", type=float, default=d.vision_lr_mult,
+                   help="learning-rate multiplier of the vision tower and projector (on top of MetaP's)")
     p.add_argument("--fp8", choices=["tensorwise", "rowwise"], default=None,
                    help="FP8 matmuls (e4m3 forward, e5m2 gradients; emulated on CPU)")
     p.add_argument("--balance", choices=["bias", "aux", "none"], default=d.balance,
@@ -52,6 +54,8 @@ def add_train_subcommand(subparsers) -> None:
                    help="vision alignment stage: steps on image-caption data with the language model frozen")
     p.add_argument("--align-start", type=int, default=d.align_start,
                    help="step at which the alignment stage starts (after text pre-training)")
+    p.add_argument("--align-freeze", choices=["lm", "none"], default=d.align_freeze,
+                   help="what the alignment stage freezes: the language model, or nothing")
     p.add_argument("--eval-every", type=int, default=d.eval_every)
     p.add_argument("--eval-batches", type=int, default=d.eval_batches)
     p.add_argument("--log-every", type=int, default=d.log_every)

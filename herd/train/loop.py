@@ -115,6 +115,8 @@ class LoopConfig:
     bf16: bool = field(default=True, metadata={"help": "bf16 autocast for matmuls (--no-bf16: fp32)"})
     metap: bool = field(default=True, metadata={"help": "MetaP per-tensor learning-rate multipliers"})
     metap_base_width: int = 256
+    vision_lr_mult: float = field(default=1.0, metadata={
+        "help": "learning-rate multiplier of the vision tower and projector (on top of MetaP's)"})
     balance: Literal["bias", "aux", "none"] = field(default="bias", metadata={
         "help": "MoE load balancing: aux-loss-free bias, switch auxiliary loss, or none"})
     bias_rate: float = 1e-3
@@ -162,7 +164,7 @@ def build_optimizer(model, cfg: LoopConfig, env, verbose: bool = True):
     """Wrap the model for this process group (FSDP2 / DDP / as is) and build fused AdamW over its
     MetaP parameter groups (one group per learning-rate multiplier; `cfg.metap=False`: one rate).
     Returns (model to train, optimizer)."""
-    mp_cfg = metap.MetaPConfig(base_width=cfg.metap_base_width)
+    mp_cfg = metap.MetaPConfig(base_width=cfg.metap_base_width, vision_lr_mult=cfg.vision_lr_mult)
     groups = metap.param_groups(model, cfg.lr, cfg.weight_decay, mp_cfg, enabled=cfg.metap)
     if env.is_main and cfg.progress and verbose:
         print(f"AdamW parameter groups ({'MetaP' if cfg.metap else 'standard: MetaP off'}, lr {cfg.lr:g}):\n"

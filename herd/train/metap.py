@@ -39,6 +39,7 @@ class MetaPConfig:
     base_batch_tokens: int | None = None  # set to scale LR with √(batch / base) (Adam rule)
     gain: float = 1.0
     embed_std: float = 1.0  # μP: input weights have fan_in 1 (one-hot), so σ = 1, constant in width
+    vision_lr_mult: float = 1.0  # extra LR multiplier of the vision tower + projector (every tensor there)
 
 
 RESIDUAL_OUTPUTS = ("o_proj.weight", "down_proj.weight", "experts.down_proj", "fc2.weight")
@@ -106,6 +107,8 @@ def lr_multipliers(model, cfg: MetaPConfig | None = None, enabled: bool = True) 
     for name, p in model.named_parameters():
         kind = classify(name, p)
         out[name] = 1.0 / m if enabled and kind in ("hidden", "head") else 1.0
+        if enabled and _is_vision(name):
+            out[name] *= cfg.vision_lr_mult
     return out
 
 

@@ -49,6 +49,18 @@ def test_param_groups_multipliers_and_decay():
     assert {g["lr_mult"] for g in off} == {1.0}
 
 
+def test_vision_lr_mult_scales_only_the_vision_tower_and_projector():
+    m = _model(128)
+    base = {n: g["lr_mult"] for g in metap.param_groups(m, lr=1e-2, cfg=metap.MetaPConfig(base_width=64))
+            for n in g["names"]}
+    cfg = metap.MetaPConfig(base_width=64, vision_lr_mult=0.1)
+    by_name = {n: g["lr_mult"] for g in metap.param_groups(m, lr=1e-2, cfg=cfg) for n in g["names"]}
+    vision = [n for n in by_name if n.startswith(("vision_model.", "multi_modal_projector."))]
+    assert vision and all(by_name[n] == pytest.approx(0.1 * base[n]) for n in vision)
+    assert all(by_name[n] == base[n] for n in by_name if n not in vision)
+    assert by_name["vision_model.class_embedding"] == pytest.approx(0.1)  # vectors too, not only matrices
+
+
 def test_batch_size_rule():
     cfg = metap.MetaPConfig(base_width=64, base_batch_tokens=1000)
     groups = metap.param_groups(_model(64), lr=1.0, cfg=cfg, batch_tokens=4000)

@@ -71,6 +71,10 @@ def test_one_step_changes_what_it_should(tmp_path, shared):
     assert all(torch.equal(aligned[k], w0[k]) for k in lm), "alignment stage must freeze the language model"
     assert sum(not torch.equal(aligned[k], w0[k]) for k in vis) > len(vis) // 2
     assert sum(not torch.equal(joint[k], w0[k]) for k in lm) > len(lm) // 2
+    # --align-freeze none: the same image-caption step moves the language model too
+    run(tmp_path / "c", shared, max_steps=2, align_steps=1, align_freeze="none", ckpt_every=1, eval_every=100, keep=5)
+    unfrozen = read_safetensors(tmp_path / "c" / "checkpoints" / "step_000001" / "model.safetensors")
+    assert sum(not torch.equal(unfrozen[k], w0[k]) for k in lm) > len(lm) // 2
 
 
 def test_resume_is_bit_exact(tmp_path, shared):
