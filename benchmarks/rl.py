@@ -211,6 +211,8 @@ def hard_claim(out: Path, args) -> tuple[dict, dict]:
         if "error" in p or "error" in u:
             continue
         per_seed.append({"seed": seed, "initial_eval": p["initial_eval"],
+                         "pool_zero_adv_dropped_per_step": p["zero_adv_dropped_per_step"],
+                         "uniform_zero_adv_dropped_per_step": u["zero_adv_dropped_per_step"],
                          "pool_mean_eval": mean(v for _, v in p["eval"]),
                          "uniform_mean_eval": mean(v for _, v in u["eval"]),
                          "pool_final_eval": p["eval"][-1][1], "uniform_final_eval": u["eval"][-1][1],
@@ -223,10 +225,14 @@ def hard_claim(out: Path, args) -> tuple[dict, dict]:
     pm, um = mean(s["pool_mean_eval"] for s in per_seed), mean(s["uniform_mean_eval"] for s in per_seed)
     margin = None if pm is None or um is None else pm - um
     wins = sum(s["pool_mean_eval"] >= s["uniform_mean_eval"] for s in per_seed)
+    heldout = next((json.loads((out / n / "summary.json").read_text())["heldout_prompts"] for n in runs
+                    if (out / n / "summary.json").exists()), None)
     claim = {"pass": margin is not None and margin >= 0, "margin": None if margin is None else round(margin, 4),
              "smoke": args.smoke,
              "metric": "held-out reward (greedy, eval/reward) averaged over the evaluations of a run, then over "
-                       "seeds: pool minus uniform", "seeds": len(per_seed), "seeds_pool_ahead": wins}
+                       "seeds: pool minus uniform", "seeds": len(per_seed), "seeds_pool_at_least_uniform": wins,
+             # one held-out prompt more or less moves a run's eval/reward by about 1/heldout_prompts
+             "heldout_prompts": heldout}
     table = [[step, *(round(mean(curve[step].get(a, [])) or 0, 4) for a in ("pool", "uniform"))]
              for step in sorted(curve)]
     result = {"claim": claim, "commit": commit(), "machine": machine_line(), "config": config_of(args),
