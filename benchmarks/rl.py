@@ -311,17 +311,20 @@ def plot(runs: dict, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
+    timing = any(n in runs and runs[n].get("loop_s") for n in ("sync", "async", "trl"))
+    fig, axes = plt.subplots(1, 2 if timing else 1, figsize=(11 if timing else 6, 4), dpi=100, squeeze=False)
+    axes = list(axes[0]) + [None] * (2 - axes.shape[1])
     for name, r in sorted(runs.items()):
         if r.get("eval"):
             axes[0].plot(*zip(*[(0, r["initial_eval"]), *r["eval"]]), "o-" if name.startswith("pool") else "s--",
                          label=name, ms=4)
-        if r.get("reward") and r.get("loop_s") and name in ("sync", "async", "trl"):
+        if timing and r.get("reward") and r.get("loop_s") and name in ("sync", "async", "trl"):
             steps = [s for s, _ in r["reward"]]
             axes[1].plot([r["loop_s"] * s / max(steps) for s in steps], [v for _, v in r["reward"]], label=name)
     axes[0].set(xlabel="learner step", ylabel="held-out reward (greedy)", title="hard-prompt pool vs uniform")
-    axes[1].set(xlabel="wall-clock s", ylabel="training reward", title="async vs sync vs TRL")
-    for ax in axes:
+    if timing:
+        axes[1].set(xlabel="wall-clock s", ylabel="training reward", title="async vs sync vs TRL")
+    for ax in filter(None, axes):
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
