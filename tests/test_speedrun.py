@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from herd import speedrun as sr
 
 
@@ -31,6 +33,7 @@ def test_stages_are_skipped_when_done_and_rerun_when_failed(tmp_path, monkeypatc
     assert "| one | done |" in (tmp_path / "report.md").read_text()
 
 
+@pytest.mark.timeout(2400)  # 26 stages = 26 processes: ~3 min idle, over 15 min on a machine shared 9 ways
 def test_quick_speedrun_writes_a_report_with_every_row(tmp_path):
     from herd.evals.report import ROWS
 
