@@ -12,7 +12,8 @@ def add_rl_subcommand(subparsers) -> None:
     p = subparsers.add_parser(
         "rl", help="online RL (GRPO) on verifiable prompts, keeping the medium-to-hard ones; async Ray workers",
         description="GRPO-family online RL from --init on verifiable chat tasks: G completions per prompt from "
-        "herd's Engine in Ray rollout workers (--workers 0: in this process), group-normalised advantages, clipped "
+        "herd's Engine in Ray rollout-worker actors, the learner a Ray actor too (--workers 0: both in this process), "
+        "group-normalised advantages, clipped "
         "token-level loss against the behaviour log-probs, samples at most --max-staleness policy versions old; a "
         "prompt pool keeps prompts whose pass rate is in (0, tau], drops zero-advantage groups and refills. Writes "
         "metrics.jsonl (TRL's metric names), rl.png, crash-safe checkpoints (--resume) and the final model to --out.",
