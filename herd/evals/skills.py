@@ -28,7 +28,9 @@ for SFT, RL and DPO):
            each earlier image followed by the caption with the model's own answer and
            <|end_of_text|>, as packed pre-training documents are; the question (which, sum,
            largest) is then answered from the digits read, so the raw rows measure perception
-           only. Tool use: `<|begin_of_text|>SYSTEM\\n\\nUSER\\n\\n` and the same call parser.
+           only. Images are tiled from the item's PNGs as the chat format tiles them (the same
+           pixels in both layouts). Tool use: `<|begin_of_text|>SYSTEM\\n\\nUSER\\n\\n` and the
+           same call parser.
            Stop rate counts the tool-use replies (the digit reads are 2 tokens by design).
 
 Each sample gives one record (idx, task, n_images, reply, answer, score, stopped), written to
