@@ -138,6 +138,8 @@ class LoopConfig:
             raise ValueError(f"--schedule must be cosine, wsd or constant, got {self.schedule!r}")
         if self.balance not in ("bias", "aux", "none"):
             raise ValueError(f"--balance must be bias, aux or none, got {self.balance!r}")
+        if not self.vision_lr_mult >= 0:
+            raise ValueError(f"--vision-lr-mult must be >= 0 (0 freezes the vision side), got {self.vision_lr_mult}")
 
 
 # ----- building blocks ----------------------------------------------------------------------------

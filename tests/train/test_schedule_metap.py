@@ -59,6 +59,10 @@ def test_vision_lr_mult_scales_only_the_vision_tower_and_projector():
     assert vision and all(by_name[n] == pytest.approx(0.1 * base[n]) for n in vision)
     assert all(by_name[n] == base[n] for n in by_name if n not in vision)
     assert by_name["vision_model.class_embedding"] == pytest.approx(0.1)  # vectors too, not only matrices
+    from herd.train.loop import LoopConfig
+
+    with pytest.raises(ValueError, match="--vision-lr-mult must be >= 0"):
+        LoopConfig(vision_lr_mult=-1.0).validate()
 
 
 def test_batch_size_rule():
