@@ -26,8 +26,10 @@ oracle:
 
 # The main job: pre-train the tiny Llama 4 (MoE, iRoPE, vision) on the bundled text + digit
 # images, a few minutes on 2 cores. Outputs in runs/tiny: metrics.jsonl, loss.png, checkpoints,
-# and the final model as a Hugging Face directory.
-TRAIN_ARGS ?= --preset tiny --max-steps 600 --align-start 150 --align-steps 50 --bias-rate 0.01 --out runs/tiny
+# and the final model as a Hugging Face directory. The vision tower + projector stay at their random
+# init (--vision-lr-mult 0: trained, they collapse every image onto one feature vector) and the
+# alignment stage teaches the language model to read them (--align-freeze none); BENCHMARKS.md, issue 18.
+TRAIN_ARGS ?= --preset tiny --max-steps 600 --align-start 150 --align-steps 50 --bias-rate 0.01 --vision-lr-mult 0 --align-freeze none --out runs/tiny
 train: setup
 	$(VENV)/bin/herd train $(TRAIN_ARGS)
 
