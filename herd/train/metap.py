@@ -15,7 +15,9 @@ rate is tuned once:
 | LM head (output weights)             | gain / fan_in · √base_width       | base_width / width        |
 | norms, biases, class/pos embeddings  | 1 / 0 / σ_emb                     | 1                         |
 
-and an optional batch-size rule (Adam: LR ∝ √(batch/base_batch)). σ_emb = 1 is μP's value (an
+and an optional batch-size rule (Adam: LR ∝ √(batch/base_batch)). `vision_lr_mult` scales the
+vision tower's and projector's rates on top (0 keeps them at init: the tiny recipe does, because
+trained from scratch at the text model's rate they collapse every image onto one feature vector). σ_emb = 1 is μP's value (an
 input weight's fan-in is 1, a one-hot); GPT-2's 0.02 leaves token embeddings 50× smaller than the
 image features fused in beside them and than the first attention outputs, and at tiny scale it
 cost both the text loss (val 5.59 vs 5.28 at step 100 of the tiny mixture) and the digit

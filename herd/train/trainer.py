@@ -10,7 +10,10 @@ Stages, as Meta describes the recipe:
   * vision alignment (`--align-steps N`, from step `--align-start S`): image-caption batches
     only; the language model is frozen (its gradients are dropped) while the vision tower and
     projector learn to speak its language. Meta aligns against a pre-trained language model, so
-    a from-scratch run places this stage after S steps of joint pre-training;
+    a from-scratch run places this stage after S steps of joint pre-training. `--align-freeze none`
+    trains the language model in this stage too: the tiny recipe (Makefile) keeps the vision side
+    at its random init (`--vision-lr-mult 0`; trained from scratch it collapses every image onto one
+    feature vector, BENCHMARKS.md issue 18) and uses the stage to teach the language model to read it;
   * joint training on the full text + image mixture, everything unfrozen, before and after.
 
 Packed rows hold several documents; attention is masked so it never crosses from one into the
