@@ -43,7 +43,8 @@ MODEL_STAGES = ("base", "mid", "sft", "rl", "dpo")  # the report's columns, in o
 
 # Stage sizes. FULL: the ≤45-minute budget on 2 cores; QUICK: every stage at toy size.
 FULL = dict(base=["--max-steps", "600", "--align-start", "150", "--align-steps", "50", "--bias-rate", "0.01",
-                  "--vision-lr-mult", "0", "--align-freeze", "none"],  # make train's recipe (Makefile TRAIN_ARGS) mid=["--max-steps", "60", "--curriculum", "512:0.5,2048:0.5"],
+                  "--vision-lr-mult", "0", "--align-freeze", "none"],  # make train's recipe (Makefile TRAIN_ARGS)
+            mid=["--max-steps", "60", "--curriculum", "512:0.5,2048:0.5"],
             sft_data=["--per-task", "200"], sft=["--max-steps", "150", "--prune", "0.5", "--seq-len", "512", "--skip-bad"],
             rl=["--max-steps", "30", "--workers", "1"], pairs=["--limit", "128", "--use-reference"],
             dpo=["--max-steps", "60"], pg=[], lg=["--max-steps", "200"],
