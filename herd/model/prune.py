@@ -2,7 +2,7 @@
 
 This is how Meta made Llama Guard 4 (12B dense) from Llama 4 Scout (109B MoE): "pruned from
 Scout — routed experts and routers dropped, the shared expert kept as the dense MLP", then
-fine-tuned (Llama Guard 4 model card; /work/shared/FACTS.md). The result is exactly what the
+fine-tuned (the Llama Guard 4 model card). The result is exactly what the
 guard4 preset describes: no MoE layers, every MLP a SwiGLU of the shared expert's width
 (`intermediate_size_mlp` = the MoE's `intermediate_size`, 8192 for Scout → Llama Guard 4).
 
