@@ -233,9 +233,17 @@ def _cmd_skills(args) -> int:
     tok = require_tokenizer(tok, args.model)
     records = run_skills(model, tok, args.format, args.limit, args.limit, args.seed)
     summary = {**aggregate(records, args.format), "model": str(args.model), "seed": args.seed}
-    out = Path(args.out)
+    write_records(args.out, records, summary)
+    print(json.dumps(summary))
+    return 0
+
+
+def write_records(out: str | Path, records: list[dict], summary: dict) -> None:
+    """OUT/records.jsonl (one scored item per line) and OUT/summary.json, each replaced whole: both
+    are written into a temporary directory inside OUT first, so a crash never leaves half a file."""
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".skills-"))
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".results-"))
     try:
         (tmp / "records.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -243,8 +251,6 @@ def _cmd_skills(args) -> int:
             os.replace(f, out / f.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(json.dumps(summary))
-    return 0
 
 
 def add_skills_parser(sub) -> argparse.ArgumentParser:

@@ -31,11 +31,11 @@ import ast
 import copy
 import functools
 import json
-import os
 import random
-import shutil
 import tempfile
 from pathlib import Path
+
+from herd.evals.skills import write_records
 
 QUESTION = "In which file is the function {name} defined?"
 
@@ -192,16 +192,7 @@ def _cmd(args) -> int:
         raise ValueError(f"--limit must be ≥ 1, got {args.limit}")
     records = score_usecases(args.model, lengths, args.limit, args.seed, args.max_new_tokens, args.dtype)
     summary = {"model": str(args.model), "seed": args.seed, **aggregate(records)}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".score-"))
-    try:
-        (tmp / "records.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        for f in tmp.iterdir():
-            os.replace(f, out / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    write_records(args.out, records, summary)
     print(json.dumps(summary))
     return 0
 
