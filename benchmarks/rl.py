@@ -84,7 +84,7 @@ def herd_run(name: str, out: Path, args, extra: list[str], seed: int | None = No
             "initial_eval": initial.get("eval/reward"), "initial_accuracy": initial.get("eval/accuracy"),
             "eval": [(r["step"], r["eval/reward"]) for r in rows if "eval/reward" in r],
             "accuracy": [(r["step"], r["eval/accuracy"]) for r in rows if "eval/accuracy" in r],
-            "reward": [(r["step"], r["reward"]) for r in rows], "pool": summary.get("pool"),
+            "reward": [(r["step"], r["reward"]) for r in rows if "reward" in r], "pool": summary.get("pool"),
             # the mechanism: groups with a learning signal per step, zero-advantage groups dropped
             "groups_kept_per_step": round(mean(r.get("groups/kept") for r in rows) or 0, 3),
             "zero_adv_dropped_per_step": round(mean(r.get("groups/zero_adv_dropped") for r in rows) or 0, 3)}

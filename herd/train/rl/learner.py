@@ -366,11 +366,13 @@ class RolloutSource:
         errors = zero_adv = stale_before = 0
         stale_before = self.buffer.dropped_stale
         rounds, used = 0, set()
-        while len(kept) < cfg.prompts_per_step and rounds <= cfg.refill_rounds:
+        while len(kept) < cfg.prompts_per_step:
             need = cfg.prompts_per_step - len(kept) - self.backend.in_flight() - len(self.buffer)
-            if need > 0:
+            if need > 0 and rounds <= cfg.refill_rounds:
                 self._submit(need, used)
                 rounds += 1
+            # past the refill rounds, still wait for the groups in flight: left behind, they would come
+            # back one version late and, at --max-staleness 0, be dropped (an empty step every other step)
             if self.backend.in_flight() == 0 and len(self.buffer) == 0:
                 break  # nothing eligible left
             for r in self.backend.ready():
