@@ -55,3 +55,18 @@ def scripted(guard_tokenizer):
         tok = guard_tokenizer
         return ScriptedModel(tok.encode(output), tok.special_tokens["<|eot|>"], margin=margin)
     return make
+
+
+@pytest.fixture
+def toy_guard_examples(monkeypatch):
+    """12 one-line prompts (odd: "bomb N" → unsafe S9, even: "bread N" → safe), 8 train / 4 test,
+    served by train_llama_guard.build_examples in place of the bundled safety data."""
+    from herd.safety import train_llama_guard as tlg
+
+    toy = [{"id": f"t{i}", "source": "toy", "kind": "prompt",
+            "messages": [{"role": "user", "content": ("bomb " if i % 2 else "bread ") + str(i)}],
+            "code": "S9" if i % 2 else None} for i in range(12)]
+    for e in toy:
+        e["target"] = "safe" if e["code"] is None else f"unsafe\n{e['code']}"
+    monkeypatch.setattr(tlg, "build_examples", lambda n, seed=0: {"train": toy[:8], "test": toy[8:]})
+    return toy

@@ -48,13 +48,8 @@ def test_model_config_is_guard4_shaped():
     assert cfg.text.bos_token_id == 512 - 128
 
 
-def test_tiny_guard_trains_through_the_shared_loop_and_loads(tmp_path, monkeypatch):
-    toy = [{"id": f"t{i}", "source": "toy", "kind": "prompt",
-            "messages": [{"role": "user", "content": ("bomb " if i % 2 else "bread ") + str(i)}],
-            "code": "S9" if i % 2 else None} for i in range(12)]
-    for e in toy:
-        e["target"] = "safe" if e["code"] is None else f"unsafe\n{e['code']}"
-    monkeypatch.setattr(tlg, "build_examples", lambda n, seed=0: {"train": toy[:8], "test": toy[8:]})
+def test_tiny_guard_trains_through_the_shared_loop_and_loads(tmp_path, toy_guard_examples):
+    toy = toy_guard_examples
     cfg = tlg.GuardTrainConfig(out=str(tmp_path / "g"), max_steps=3, batch_size=4, vocab_size=512, hidden=64,
                                layers=1, warmup=1, eval_every=3, ckpt_every=3, log_every=1, progress=False,
                                bf16=False)

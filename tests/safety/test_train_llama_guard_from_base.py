@@ -32,17 +32,7 @@ def moe_base(tmp_path, guard_tokenizer):
     return d
 
 
-def _toy(monkeypatch):
-    toy = [{"id": f"t{i}", "source": "toy", "kind": "prompt",
-            "messages": [{"role": "user", "content": ("bomb " if i % 2 else "bread ") + str(i)}],
-            "code": "S9" if i % 2 else None} for i in range(12)]
-    for e in toy:
-        e["target"] = "safe" if e["code"] is None else f"unsafe\n{e['code']}"
-    monkeypatch.setattr(tlg, "build_examples", lambda n, seed=0: {"train": toy[:8], "test": toy[8:]})
-
-
-def test_from_base_starts_from_the_pruned_base_and_keeps_its_tokenizer(tmp_path, moe_base, monkeypatch):
-    _toy(monkeypatch)
+def test_from_base_starts_from_the_pruned_base_and_keeps_its_tokenizer(tmp_path, moe_base, toy_guard_examples):
     cfg = tlg.GuardTrainConfig(out=str(tmp_path / "g"), max_steps=1, batch_size=4, warmup=1, eval_every=1,
                                ckpt_every=1, log_every=1, progress=False, bf16=False, lr=0.0, weight_decay=0.0,
                                from_base=str(moe_base))
