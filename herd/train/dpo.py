@@ -13,8 +13,13 @@ against a frozen reference π_ref (the starting model):
 eric-mitchell/direct-preference-optimization's trainers.py), tested against TRL's DPOTrainer.
 log π(y|x) sums the completion tokens' log-probs; chosen and rejected rows of a batch run in one
 forward ([chosen; rejected], TRL's layout), and only the hidden states that predict completion
-tokens go through the LM head (`completion_logps_from_hidden`): no [2b, T, vocab] logits. `--sft-coef c` adds c × the mean token NLL of the
-chosen answer (TRL's rpo_alpha), against the failure where both log-probs fall.
+tokens go through the LM head (`completion_logps_from_hidden`): no [2b, T, vocab] logits.
+
+RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization"): `--sft-coef α` adds α × the
+NLL of the chosen completions, against DPO's known failure where log π(y_w|x) and log π(y_l|x) both
+fall (only their gap is rewarded). Normalised as TRL 1.16 does it (loss_type=["sigmoid", "sft"],
+loss_weights=[1, α], its successor to rpo_alpha): the mean over all chosen completion tokens of the
+(micro-)batch, not a mean of per-pair means. Logged as `nll_loss` (the name TRL gave it under rpo_alpha).
 
 Reference log-probs are computed once, before training, with the starting model in eval mode,
 and cached on disk: OUT/ref_logps/<key>.pt (or `--ref-cache DIR`), key = sha256 of the data
@@ -29,7 +34,8 @@ A standard prompt becomes one user message, a completion one assistant message; 
 encoded in the Llama 4 chat format, the completion's tokens (end-of-turn included) scored.
 
 Metrics (TRL's names, means over the global batch): loss, rewards/chosen, rewards/rejected,
-rewards/margins, rewards/accuracies, logps/chosen, logps/rejected; eval_ prefixed at evaluations.
+rewards/margins, rewards/accuracies, logps/chosen, logps/rejected, nll_loss (logged whatever α);
+eval_ prefixed at evaluations.
 """
 
 from __future__ import annotations
@@ -352,12 +358,14 @@ class DPOLoss:
         losses, rc, rr = preference_loss(pc, pr, batch.ref_chosen.to(d, torch.float32),
                                          batch.ref_rejected.to(d, torch.float32), self.beta, self.loss_type,
                                          counts[:b].float(), counts[b:].float())
-        if self.sft_coef:
-            losses = losses + self.sft_coef * (-pc / counts[:b].clamp(min=1))
-        metrics = {"rewards/chosen": rc.sum(), "rewards/rejected": rr.sum(), "rewards/margins": (rc - rr).sum(),
+        # the chosen tokens' mean NLL over the batch (TRL's "sft" term); the loop divides the returned sum
+        # by b pairs, so it enters as b × that mean
+        nll = -pc.sum() / counts[:b].sum().clamp(min=1)
+        loss = losses.sum() + self.sft_coef * b * nll if self.sft_coef else losses.sum()
+        metrics = {"nll_loss": nll.detach() * b, "rewards/chosen": rc.sum(), "rewards/rejected": rr.sum(), "rewards/margins": (rc - rr).sum(),
                    "rewards/accuracies": (rc > rr).float().sum(), "logps/chosen": pc.detach().sum(),
                    "logps/rejected": pr.detach().sum()}
-        return losses.sum(), b, {k: float(v) for k, v in metrics.items()}
+        return loss, b, {k: float(v) for k, v in metrics.items()}
 
 
 def eval_hook(objective: DPOLoss, batches: list[PairBatch], env, cfg):
@@ -399,8 +407,8 @@ class DPOConfig(LoopConfig):
     max_len: int = field(default=512, metadata={"help": "longest prompt + completion in tokens"})
     beta: float = field(default=0.1, metadata={"help": "β: strength of the pull towards the reference"})
     loss_type: Literal["sigmoid", "ipo"] = field(default="sigmoid", metadata={"help": "sigmoid (DPO) or ipo"})
-    sft_coef: float = field(default=0.0, metadata={"help": "weight of the chosen answer's mean token NLL "
-                                                           "(TRL's rpo_alpha; 0: off)"})
+    sft_coef: float = field(default=0.0, metadata={"help": "RPO: weight α of the chosen completions' mean token "
+                                                           "NLL added to the loss (TRL's rpo_alpha; 0: off)"})
     ref_cache: str | None = field(default=None, metadata={"help": "directory for cached reference log-probs "
                                                                   "(default OUT/ref_logps)"})
     lr: float = field(default=1e-4, metadata={"help": "peak learning rate"})
@@ -419,6 +427,8 @@ class DPOConfig(LoopConfig):
             raise ValueError(f"--loss-type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
         if self.beta <= 0:
             raise ValueError(f"--beta must be positive, got {self.beta}")
+        if self.sft_coef < 0:
+            raise ValueError(f"--sft-coef must be >= 0 (0 turns the NLL term off), got {self.sft_coef}")
 
 
 def dpo(cfg: DPOConfig) -> dict:

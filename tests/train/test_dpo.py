@@ -48,10 +48,12 @@ def test_preference_loss_is_the_paper_formula():
     assert torch.allclose(ipo, ((pc - rc) / n - (pr - rr) / n - 5.0) ** 2)
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
-def test_loss_rewards_and_gradients_equal_trl_dpo_trainer(text_model, tmp_path, loss_type):
+@pytest.mark.parametrize("loss_type,sft_coef", [("sigmoid", 0.0), ("ipo", 0.0), ("sigmoid", 0.2)])
+def test_loss_rewards_and_gradients_equal_trl_dpo_trainer(text_model, tmp_path, loss_type, sft_coef):
     """herd's DPO objective on herd's model vs TRL's DPOTrainer._compute_loss on transformers'
-    Llama4ForCausalLM loaded from the same directory, on the batch TRL's collator builds."""
+    Llama4ForCausalLM loaded from the same directory, on the batch TRL's collator builds. With
+    sft_coef α (RPO) TRL runs loss_type=[loss_type, "sft"], loss_weights=[1, α]; the chosen
+    completions differ in length, so a mean of per-pair means would not match."""
     trl = pytest.importorskip("trl")
     from datasets import Dataset
     from transformers import Llama4ForCausalLM, PreTrainedTokenizerFast
@@ -64,9 +66,10 @@ def test_loss_rewards_and_gradients_equal_trl_dpo_trainer(text_model, tmp_path, 
     # Llama4ForCausalLM does not resolve (base_model_prefix "language_model", backbone at .model):
     # point the name at the backbone without registering a second module.
     object.__setattr__(hf, "language_model", hf.model)
-    rows = [{"prompt": f"What is {i} + 1?", "chosen": f"It is {i + 1}.", "rejected": f"Maybe {i + 5}, or a cat."}
-            for i in range(3)]
-    args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.1, loss_type=[loss_type], report_to=[],
+    rows = [{"prompt": f"What is {i} + 1?", "chosen": f"It is {i + 1}." + " Sure." * i,
+             "rejected": f"Maybe {i + 5}, or a cat."} for i in range(3)]
+    rpo = dict(loss_type=[loss_type, "sft"], loss_weights=[1.0, sft_coef]) if sft_coef else dict(loss_type=[loss_type])
+    args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.1, **rpo, report_to=[],
                          per_device_train_batch_size=3, use_cpu=True, bf16=False, precompute_ref_log_probs=False,
                          router_aux_loss_coef=0.0)  # no router auxiliary loss: herd's DPO objective has none
     trainer = trl.DPOTrainer(model=hf, args=args, train_dataset=Dataset.from_list(rows), processing_class=hf_tok)
@@ -96,10 +99,11 @@ def test_loss_rewards_and_gradients_equal_trl_dpo_trainer(text_model, tmp_path, 
     hb = collate([Pair(str(i), [], [], [], [], [], []) for i in range(b)], 0)  # shape holder, replaced below
     hb.input_ids, hb.completion_mask = batch["input_ids"], batch["completion_mask"]
     hb.ref_chosen, hb.ref_rejected = ref_sums[:b], ref_sums[b:]
-    loss_sum, n, metrics = DPOLoss(torch.device("cpu"), 0.1, loss_type)(model, hb)
+    loss_sum, n, metrics = DPOLoss(torch.device("cpu"), 0.1, loss_type, sft_coef)(model, hb)
     loss = loss_sum / n
     loss.backward()
     assert abs(m["rewards/margins"]) > 1e-3 and abs(float(loss) - 0.6931) > 1e-3  # not the trivial point
+    assert len(set(batch["completion_mask"][:b].sum(1).tolist())) == b  # chosen lengths differ (see docstring)
     assert abs(float(loss) - float(trl_loss)) < 1e-5, (float(loss), float(trl_loss))
     for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
                  "logps/rejected"):
