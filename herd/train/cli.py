@@ -6,10 +6,11 @@ import argparse
 
 
 def add_train_subcommand(subparsers) -> None:
+    """`herd train`: flags generated from TrainConfig's fields (herd.train.flags), help included."""
     from herd.data.cli import parse_weights
+    from herd.train.flags import add_dataclass_arguments
     from herd.train.trainer import TrainConfig
 
-    d = TrainConfig()
     p = subparsers.add_parser(
         "train",
         help="pre-train a model on the bundled text + image data",
@@ -19,82 +20,16 @@ def add_train_subcommand(subparsers) -> None:
         "torchrun --nproc_per_node N -m herd train ... (gloo on CPU, FSDP2).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--preset", default=d.preset, help="model preset (tiny, small, ...)")
-    p.add_argument("--out", default=d.out, help="run directory")
-    p.add_argument("--width", type=int, default=None, help="tiny recipe at this hidden size (multiple of 128)")
-    p.add_argument("--layers", type=int, default=None, help="tiny recipe with this many layers")
-    p.add_argument("--max-steps", type=int, default=d.max_steps)
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    p.add_argument("--stop-after", type=int, default=None,
-                   help="stop (with a checkpoint) after this step; --resume continues the same schedule")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch in sequences")
-    p.add_argument("--seq-len", type=int, default=d.seq_len)
-    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
-    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (at MetaP's base width)")
-    p.add_argument("--schedule", choices=["cosine", "wsd", "constant"], default=d.schedule)
-    p.add_argument("--warmup", type=int, default=d.warmup)
-    p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--clip", type=float, default=d.clip, help="gradient-norm clipping")
-    p.add_argument("--no-bf16", dest="bf16", action="store_false", help="fp32 matmuls instead of bf16 autocast")
-    p.add_argument("--no-document-mask", dest="document_mask", action="store_false",
-                   help="ablation: let attention cross the boundaries of packed documents")
-    p.add_argument("--no-metap", dest="metap", action="store_false",
-                   help="ablation: standard init (std 0.02) and one learning rate for all parameters")
-    p.add_argument("--metap-base-width", type=int, default=d.metap_base_width)
-    p.add_argument("--vision-lr-mult", type=float, default=d.vision_lr_mult,
-                   help="learning-rate multiplier of the vision tower and projector (on top of MetaP's)")
-    p.add_argument("--fp8", choices=["tensorwise", "rowwise"], default=None,
-                   help="FP8 matmuls (e4m3 forward, e5m2 gradients; emulated on CPU)")
-    p.add_argument("--balance", choices=["bias", "aux", "none"], default=d.balance,
-                   help="MoE load balancing: aux-loss-free bias, switch auxiliary loss, or none")
-    p.add_argument("--bias-rate", type=float, default=d.bias_rate)
-    p.add_argument("--aux-coef", type=float, default=d.aux_coef)
-    p.add_argument("--align-steps", type=int, default=d.align_steps,
-                   help="vision alignment stage: steps on image-caption data with the language model frozen")
-    p.add_argument("--align-start", type=int, default=d.align_start,
-                   help="step at which the alignment stage starts (after text pre-training)")
-    p.add_argument("--align-freeze", choices=["lm", "none"], default=d.align_freeze,
-                   help="what the alignment stage freezes: the language model, or nothing")
-    p.add_argument("--eval-every", type=int, default=d.eval_every)
-    p.add_argument("--eval-batches", type=int, default=d.eval_batches)
-    p.add_argument("--log-every", type=int, default=d.log_every)
-    p.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
-    p.add_argument("--keep", type=int, default=d.keep, help="checkpoints to keep")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--tokenizer", default=None, help="directory with tokenizer.json (trained into --out if absent)")
-    p.add_argument("--mixture", type=parse_weights, default=None,
-                   help="data mixture as token shares, e.g. shakespeare=0.3,python=0.4,digits=0.3"
-                        "; unset (None): herd.data.DEFAULT_WEIGHTS")
-    p.add_argument("--data-cache", default=None, help="tokenised-data cache directory (default OUT/data_cache)")
-    p.add_argument("--max-docs", type=int, default=None, help="use only the first N documents per data source")
-    p.add_argument("--teacher", default=None,
-                   help="codistillation: a model directory (same tokenizer) whose next-token distribution "
-                        "trains this model alongside the data (herd.train.distill)")
-    p.add_argument("--distill-weight", default=d.distill_weight,
-                   help="weight w of the teacher's soft targets (1 − w on the data's labels): a number in [0, 1], "
-                        "linear:A:B over training, or gap[:TAU], dynamic: w = 1 − exp(−(CE_student − CE_teacher)/TAU)")
-    p.add_argument("--distill-temperature", type=float, default=d.distill_temperature,
-                   help="softmax temperature T of teacher and student in the soft part (scaled by T²)")
-    p.add_argument("--teacher-topk", type=int, default=None,
-                   help="keep only the teacher's K most likely tokens per position (see --teacher-topk-mode)")
-    p.add_argument("--teacher-topk-mode", choices=["renorm", "tail"], default=d.teacher_topk_mode,
-                   help="renormalise the teacher over its top K, or keep the rest as one bucket")
-    p.add_argument("--teacher-targets", default=None,
-                   help="offline teacher targets: a directory of top-K log-probs for this data stream, "
-                        "precomputed there (once) when absent")
-    p.add_argument("--parallel", choices=["fsdp", "ddp"], default=d.parallel)
-    p.add_argument("--threads", type=int, default=None, help="torch threads per process")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    # betas stays off the command line, as it always was for herd train
+    add_dataclass_arguments(p, TrainConfig, skip=("betas",), overrides={"mixture": {"type": parse_weights}})
     p.set_defaults(func=_run)
 
 
 def _run(args) -> int:
+    from herd.train.flags import config_from_args
     from herd.train.trainer import TrainConfig, train
 
-    fields = TrainConfig.__dataclass_fields__
-    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    summary = train(cfg)
+    summary = train(config_from_args(TrainConfig, args))
     if summary:
         print("done: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
     return 0

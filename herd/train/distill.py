@@ -130,8 +130,8 @@ class WeightSchedule:
 
 @dataclass
 class DistillSettings:
-    """The distillation flags of a stage config (herd midtrain's MidtrainConfig subclasses this;
-    herd train's TrainConfig spells the same fields and adds --teacher-targets). Check them with
+    """The distillation flags of a stage config (herd train's TrainConfig, which adds
+    --teacher-targets, and herd midtrain's MidtrainConfig subclass this). Check them with
     `validate_settings`."""
 
     teacher: str | None = field(default=None, metadata={

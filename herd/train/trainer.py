@@ -32,40 +32,57 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from herd.train import distributed, metap
+from herd.train.distill import DistillSettings, validate_settings
 from herd.train.loop import LoopConfig, Phase, autocast, build_optimizer, run, validation_loss
 
 
 @dataclass
-class TrainConfig(LoopConfig):
-    """Pre-training: the loop's settings (herd.train.loop.LoopConfig) plus model, data and stages."""
+class TrainConfig(DistillSettings, LoopConfig):
+    """Pre-training: the loop's settings (herd.train.loop.LoopConfig), codistillation's
+    (herd.train.distill.DistillSettings), plus model, data and stages. `herd train`'s flags are
+    generated from these fields (herd.train.flags): the help lives here."""
 
-    preset: str = "tiny"
-    width: int | None = None  # the tiny recipe at another hidden size (MetaP transfer experiments)
-    layers: int | None = None
-    batch_size: int = 8  # global batch, in sequences (split across ranks)
-    seq_len: int = 256
-    document_mask: bool = True  # attention stays inside each packed document (off: ablation)
-    fp8: str | None = None  # None | tensorwise | rowwise
-    align_steps: int = 0  # vision alignment stage (language model frozen) ...
-    align_start: int = 0  # ... starting at this step (after some text pre-training, as Meta does)
-    align_freeze: str = "lm"  # lm: only vision + projector learn in the alignment stage; none: everything does
-    eval_batches: int = 8
-    tokenizer: str | None = None  # a directory with tokenizer.json; trained into OUT when absent
-    mixture: dict | None = None  # data mixture weights by source name
-    data_cache: str | None = None
-    max_docs: int | None = None  # per data source: only the first N documents (quick runs, tests)
+    preset: str = field(default="tiny", metadata={"help": "model preset (tiny, small, ...)"})
+    width: int | None = field(default=None, metadata={
+        "help": "tiny recipe at this hidden size (multiple of 128; MetaP transfer experiments)"})
+    layers: int | None = field(default=None, metadata={"help": "tiny recipe with this many layers"})
+    lr: float = field(default=3e-3, metadata={"help": "peak learning rate (at MetaP's base width)"})
+    batch_size: int = field(default=8, metadata={"help": "global batch in sequences (split across ranks)"})
+    seq_len: int = field(default=256, metadata={"help": "tokens per packed row"})
+    document_mask: bool = field(default=True, metadata={
+        "help": "attention stays inside each packed document (--no-document-mask, the ablation: let it cross "
+                "the boundaries of packed documents)"})
+    metap: bool = field(default=True, metadata={
+        "help": "MetaP init and per-tensor learning rates (--no-metap, the ablation: standard init, std 0.02, "
+                "and one learning rate for all parameters)"})
+    fp8: Literal["tensorwise", "rowwise"] | None = field(default=None, metadata={
+        "help": "FP8 matmuls (e4m3 forward, e5m2 gradients; emulated on CPU)"})
+    align_steps: int = field(default=0, metadata={
+        "help": "vision alignment stage: steps on image-caption data with the language model frozen"})
+    align_start: int = field(default=0, metadata={
+        "help": "step at which the alignment stage starts (after text pre-training, as Meta does)"})
+    align_freeze: Literal["lm", "none"] = field(default="lm", metadata={
+        "help": "what the alignment stage freezes: the language model (only vision + projector learn), "
+                "or nothing"})
+    eval_batches: int = field(default=8, metadata={"help": "validation batches per evaluation"})
+    tokenizer: str | None = field(default=None, metadata={
+        "help": "directory with tokenizer.json (trained into --out if absent)"})
+    mixture: dict | None = field(default=None, metadata={
+        "help": "data mixture as token shares, e.g. shakespeare=0.3,python=0.4,digits=0.3; "
+                "unset (None): herd.data.DEFAULT_WEIGHTS"})
+    data_cache: str | None = field(default=None, metadata={
+        "help": "tokenised-data cache directory (default OUT/data_cache)"})
+    max_docs: int | None = field(default=None, metadata={
+        "help": "use only the first N documents per data source (quick runs, tests)"})
     extra: dict = field(default_factory=dict)
-    # codistillation (herd.train.distill): a teacher's next-token distribution trains this model
-    teacher: str | None = None  # a model directory with the same tokenizer
-    distill_weight: str = "gap"  # w of the soft targets: a number in [0, 1], linear:A:B, gap[:TAU] (dynamic)
-    distill_temperature: float = 1.0
-    teacher_topk: int | None = None  # keep the teacher's K most likely tokens per position
-    teacher_topk_mode: str = "renorm"  # renorm | tail
-    teacher_targets: str | None = None  # offline top-k targets (precomputed into this directory when absent)
+    teacher_targets: str | None = field(default=None, metadata={
+        "help": "offline teacher targets: a directory of top-K log-probs for this data stream, precomputed "
+                "there (once) when absent"})
 
     def validate(self) -> None:
         if self.max_steps <= 0 or self.batch_size <= 0 or self.seq_len <= 0 or self.grad_accum <= 0:
@@ -73,8 +90,6 @@ class TrainConfig(LoopConfig):
         if self.fp8 not in (None, "tensorwise", "rowwise"):
             raise ValueError(f"--fp8 must be tensorwise or rowwise, got {self.fp8!r}")
         super().validate()
-        from herd.train.distill import validate_settings
-
         validate_settings(self)
         if self.align_freeze not in ("lm", "none"):
             raise ValueError(f"--align-freeze must be lm or none, got {self.align_freeze!r}")
