@@ -26,6 +26,10 @@ Tasks (the sources are installed packages; nothing is downloaded):
                      assistant states the result (verified: the number in the final reply)
     longctx          retrieval dialogs from herd.data.longctx (RULER niah/vt) at a given length;
                      needs a tokenizer (`--tokenizer`), since lengths are exact in its tokens
+    ask_repo         the `herd ask-repo` turn: stdlib functions packed as files, "in which file is
+                     NAME defined?" → the path (verified; herd/data/usecase_data.py)
+    summarize        the `herd summarize` turn: a function's code without its docstring → the
+                     docstring's first line (reference answer only; herd/data/usecase_data.py)
 
 Splits: each item's key (the question, the conversation's first line, the image ids) is hashed
 (herd.data.splits.split_hash): below 0.1 → test, below 0.2 → val, else train. Keys never cross
@@ -54,7 +58,7 @@ RG_TASKS = {  # reasoning-gym generators a tiny model can learn, with settings t
     "spell_backward": dict(min_word_len=3, max_word_len=5),
     "letter_counting": dict(min_words=2, max_words=4),
 }
-TASKS = ("chatterbot", *RG_TASKS, "digits_vqa", "code_qa", "calculator", "longctx")
+TASKS = ("chatterbot", *RG_TASKS, "digits_vqa", "code_qa", "calculator", "longctx", "ask_repo", "summarize")
 CALCULATOR_TOOL = {"type": "function", "function": {
     "name": "calculator", "description": "Evaluate an arithmetic expression with + - * and integers.",
     "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}}
@@ -259,6 +263,7 @@ def build(out: str | Path, per_task: int = 1500, seed: int = 0, tasks=TASKS, tok
           longctx_length: int = 1024, progress: bool = True) -> dict:
     """Write DIR/{train,val,test}.jsonl and DIR/summary.json; returns the counts per task and split."""
     from herd.data.longctx import write_jsonl_atomic
+    from herd.data import usecase_data
 
     unknown = set(tasks) - set(TASKS)
     if unknown:
@@ -272,6 +277,8 @@ def build(out: str | Path, per_task: int = 1500, seed: int = 0, tasks=TASKS, tok
         "code_qa": lambda: code_qa_examples(per_task, seed),
         "calculator": lambda: calculator_examples(per_task, seed),
         "longctx": lambda: longctx_examples(tokenizer, max(2, per_task // 10), longctx_length, seed),
+        "ask_repo": lambda: usecase_data.ask_repo_examples(per_task, seed),
+        "summarize": lambda: usecase_data.summarize_examples(per_task, seed),
     }
     rows = {s: [] for s in SPLITS}
     counts: dict = {}

@@ -29,9 +29,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from herd.data.usecase_data import ASK_REPO_SYSTEM as SYSTEM
+from herd.data.usecase_data import file_block, question_block  # the layout SFT trains on (one source)
 from herd.usecases.common import Assistant, add_model_args, assistant_from_args, is_binary
-
-SYSTEM = "You answer questions about a code repository. Name files by their path."
 
 
 @dataclass
@@ -80,14 +80,6 @@ def repo_files(root: str | Path) -> tuple[list[Path], dict[str, str]]:
             else:
                 files.append(rel)
     return sorted(files, key=lambda p: p.as_posix()), skipped
-
-
-def file_block(path: str, text: str) -> str:
-    return f'<file path="{path}">\n{text.rstrip()}\n</file>\n'
-
-
-def question_block(question: str) -> str:
-    return f"Question: {question.strip()}\nAnswer with the path of the file."
 
 
 def pack(root: str | Path, question: str, count, budget: int) -> Packed:

@@ -15,8 +15,9 @@ Two scores, each through the same library function the command uses (no second c
                removed (ast), summarized by herd.usecases.summarize.summarize_text, scored with
                ROUGE-L F1 (Google's rouge-score, Porter stemming) against the docstring's first line.
 
-Held out: functions whose "MODULE.NAME" key falls in the test split of the SFT data's split rule
-(herd.data.chat_data.split_of), so the SFT `code_qa` task never asked about them; only names
+Held out: functions whose "PATH.NAME" key falls in the test split of the SFT data's split rule
+(herd.data.chat_data.split_of), so the SFT tasks `code_qa`, `ask_repo` and `summarize` (the last
+two are these very prompts, herd/data/usecase_data.py) never asked about them; only names
 defined in one stdlib file are used. The stdlib itself is pre-training text: what is held out is
 the question, not the code. Targets are the held-out functions short enough to fit the shorter
 context on their own (in the speedrun's tokenizer, most are). Writes DIR/records.jsonl (one line per question) and DIR/summary.json:
@@ -27,59 +28,25 @@ context on their own (in the speedrun's tokenizer, most are). Writes DIR/records
 
 from __future__ import annotations
 
-import ast
-import copy
-import functools
 import json
 import random
 import tempfile
 from pathlib import Path
 
+from herd.data.usecase_data import ASK_REPO_QUESTION as QUESTION
+from herd.data.usecase_data import stdlib_functions, without_docstring
 from herd.evals.skills import write_records
-
-QUESTION = "In which file is the function {name} defined?"
-
-
-@functools.lru_cache(maxsize=1)
-def _stdlib_functions() -> tuple[dict, ...]:
-    """Every unambiguous (defined in one file) public top-level stdlib function under 2,000 characters."""
-    from herd.data.sources import stdlib_files
-
-    found, seen = [], {}
-    for path, file in stdlib_files():
-        if path.startswith("test") or "/test" in path:
-            continue
-        text = file.read_text(encoding="utf-8", errors="replace")
-        try:
-            tree = ast.parse(text)
-        except SyntaxError:
-            continue
-        for node in tree.body:
-            if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
-                seen[node.name] = seen.get(node.name, 0) + 1
-                found.append({"path": path, "name": node.name, "source": ast.get_source_segment(text, node) or "",
-                              "doc": (ast.get_docstring(node) or "").strip().split("\n")[0].strip(), "node": node})
-    return tuple(f for f in found if seen[f["name"]] == 1 and f["source"] and len(f["source"]) < 2000)
 
 
 def held_out_functions(limit: int, seed: int = 0, need_doc: bool = False) -> list[dict]:
     """[{path, name, source, doc, node}] for functions whose key is in the SFT data's test split."""
     from herd.data.chat_data import split_of
 
-    found = [f for f in _stdlib_functions() if split_of(f"{f['path']}.{f['name']}") == "test"]
+    found = [f for f in stdlib_functions() if split_of(f"{f['path']}.{f['name']}") == "test"]
     if need_doc:
         found = [f for f in found if len(f["doc"].split()) >= 3]
     random.Random(seed).shuffle(found)
     return found[:limit]
-
-
-def without_docstring(fn: dict) -> str:
-    """The function's code with its docstring removed (ast.unparse of the trimmed node)."""
-    node = fn["node"]
-    body = node.body[1:] if ast.get_docstring(node) is not None else node.body
-    trimmed = copy.copy(node)
-    trimmed.body = body or [ast.Pass()]
-    return ast.unparse(trimmed)
 
 
 # ----------------------------------------------------------------------------- ask-repo
@@ -177,7 +144,7 @@ def score_usecases(model: str, lengths: list[int], limit: int = 20, seed: int = 
     targets = [f for f in held_out_functions(10**6, seed) if fits(f)][:limit]
     if not targets:
         raise ValueError(f"no held-out function fits a context of {min(lengths)} tokens; use longer --lengths")
-    distractors = [f for f in _stdlib_functions() if f["name"] not in {t["name"] for t in targets}]
+    distractors = [f for f in stdlib_functions() if f["name"] not in {t["name"] for t in targets}]
     records = []
     for n in lengths:
         records += score_ask_repo(Assistant(first.model, first.tokenizer, n, max_new_tokens), targets, distractors, seed)

@@ -16,9 +16,9 @@ from __future__ import annotations
 import json
 import sys
 
+from herd.data.usecase_data import SUMMARIZE_INSTRUCTION as INSTRUCTION  # the turn SFT trains on (one source)
 from herd.usecases.common import Assistant, add_model_args, assistant_from_args, read_text
 
-INSTRUCTION = "Summarize the following text in one or two sentences.\n\n"
 REDUCE = "These are summaries of consecutive parts of one document. Summarize the whole document in one or two sentences.\n\n"
 MAX_LEVELS = 4
 

@@ -142,3 +142,25 @@ def test_cli_refuses_an_unknown_format(model_dir, tmp_path, capsys):
 
     assert main(["eval", "skills", str(model_dir), "--format", "json", "--out", str(tmp_path)]) == 2
     assert "--format must be raw or chat" in capsys.readouterr().err
+
+
+def test_tool_prompt_is_what_sft_trained_on_and_the_trained_call_scores_one(loaded, monkeypatch):
+    """The chat tool-use prompt is a prefix of the SFT dialog as herd sft encodes it (herd.train.chat_rows),
+    and the dialog's own next tokens (the reference call, up to its <|eom|>) score 1 and count as stopped."""
+    from herd.chat import encode_messages
+    from herd.train.chat_rows import encode_dialog
+
+    _, tok = loaded
+    tools = skills.tool_items(3)
+    replies = []
+    for ex in tools:
+        ids, mask, _ = encode_dialog(tok, ex["messages"])
+        prompt = encode_messages(tok, ex["messages"][:2])[0]
+        assert ids[:len(prompt)] == prompt and mask[len(prompt)]  # the reply is the first trained token on
+        rest = ids[len(prompt):]
+        replies.append(rest[: rest.index(tok.special_tokens["<|eom|>"]) + 1])
+    model = loaded[0]
+    monkeypatch.setattr(model.config, "vision", None)  # the tool-use rows only
+    monkeypatch.setattr(skills, "generate", lambda model, tok_, prompts, max_new: replies)
+    s = skills.aggregate(skills.run_skills(model, tok, "chat", 3, 3), "chat")
+    assert (s["tool_use"], s["tool_call_rate"], s["stop_rate"], s["n"]["tool_use"]) == (1, 1, 1, 3)
