@@ -23,8 +23,8 @@ count what it saved.
 
 The engine runs the model it is given prepared for inference (herd.inference.fast.inference_view:
 a trainable Llama4 is turned into a separate, prepared copy, cached until its weights change; the
-model itself is left untouched) and holds its own batch-1 decode step (herd.inference.single) for
-one token of one sequence. An Engine serves the weights it was built with: after an optimizer
+model itself is left untouched) and holds its own decode steps: herd.inference.single for one token
+of one sequence, herd.inference.batched for one token of each of several. An Engine serves the weights it was built with: after an optimizer
 step, build a new one (herd.generate does so on every call); `add` refuses requests once the
 source model's weights have changed.
 
@@ -42,6 +42,7 @@ from typing import Any, Iterator
 
 import torch
 
+from herd.inference.batched import BatchDecoder
 from herd.inference.cache import KVCache, PrefixStore
 from herd.inference.fast import inference_view, weights_version
 from herd.inference.sampling import RowState, SamplingParams, sample
@@ -106,15 +107,19 @@ class Sequence:
 
 
 def forward_step(model, ids: torch.Tensor, cache: KVCache, image_features: torch.Tensor | None = None,
-                 decoder: SingleDecoder | None = None) -> torch.Tensor:
+                 decoder: SingleDecoder | None = None, batch_decoder: BatchDecoder | None = None) -> torch.Tensor:
     """ids [B, T] continuing the cache's selected rows → logits of each row's last position [B, vocab].
 
     Llama4.forward without its input checks (the engine validated the prompt; sampled ids are in
     range), and the LM head on the last position only. One token of one row runs `decoder` (the
-    batch-1 step of herd.inference.single, built for this model) when one is given.
+    batch-1 step of herd.inference.single, built for this model) when one is given; one token of
+    each of several rows runs `batch_decoder` (herd.inference.batched) when one is given.
     """
-    if decoder is not None and ids.shape == (1, 1) and image_features is None and cache.selected_rows == 1:
-        return decoder(ids, cache)  # decode at batch 1: herd.inference.single
+    if image_features is None and ids.shape[1] == 1 and ids.shape[0] == cache.selected_rows:
+        if decoder is not None and ids.shape[0] == 1:
+            return decoder(ids, cache)  # decode at batch 1: herd.inference.single
+        if batch_decoder is not None and ids.shape[0] > 1:
+            return batch_decoder(ids, cache)  # decode at batch B: herd.inference.batched
     T = ids.shape[1]
     start = cache.next_position
     if isinstance(start, torch.Tensor):
@@ -150,19 +155,22 @@ class Engine:
     compile: torch.compile the batch-1 decode step (herd.inference.single).
     single_step: use the batch-1 decode step where it applies (False: always the general forward,
     for comparisons).
+    batch_step: decode two or more rows with the batched step (herd.inference.batched) where it
+    applies (False: the general forward, for comparisons).
     prefix_cache_bytes: memory for the KV rows of finished sequences, reused by later prompts that
     extend them (0: off; see the module docstring).
     """
 
     def __init__(self, model, *, max_batch: int = 8, max_seq_len: int | None = None, capacity: int | None = None,
                  prefill_chunk: int | None = 512, kv_dtype=None, tokenizer=None, compile: bool = False,
-                 single_step: bool = True, prefix_cache_bytes: int = 0):
+                 single_step: bool = True, batch_step: bool = True, prefix_cache_bytes: int = 0):
         if max_batch < 1:
             raise ValueError(f"max_batch must be ≥ 1, got {max_batch}")
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be ≥ 1 or None, got {prefill_chunk}")
         self.model = inference_view(model)  # prepared for inference; `model` itself is not touched
         self.decoder = SingleDecoder.for_model(self.model, compile=compile) if single_step else None
+        self.batch_decoder = BatchDecoder.for_model(self.model) if batch_step else None
         self._source = None  # (weakref to the trainable model, its weights_version) when prepared from one
         if self.model is not model:
             self._source = (weakref.ref(model), weights_version(model))
@@ -332,7 +340,8 @@ class Engine:
     def _decode_step(self, events: list[Event]) -> None:
         n = len(self.active)
         ids = torch.tensor([[s.last] for s in self.active], dtype=torch.long, device=self.model.device)
-        logits = forward_step(self.model, ids, self.cache.select(0, n), decoder=self.decoder)  # [n, vocab]
+        logits = forward_step(self.model, ids, self.cache.select(0, n), decoder=self.decoder,
+                              batch_decoder=self.batch_decoder)  # [n, vocab]
         out = sample(logits, [s.state for s in self.active])
         done = []
         for r, seq in enumerate(self.active):
