@@ -100,6 +100,9 @@ class GuardTrainConfig(LoopConfig):
                                                      "and tokenizer (a fresh schedule and optimizer)"})
     from_base: str | None = field(default=None, metadata={"help": "start from this pre-trained herd model "
                                                           "directory, pruned to its shared experts (its tokenizer)"})
+    global_attention: bool = field(default=True, metadata={"help": "--from-base: attend over the whole prompt on "
+                                                          "every layer (Llama Guard 4's attention_chunk_size null) "
+                                                          "instead of the base's chunks"})
 
 
 def split_of(item_id: str) -> str:
@@ -177,11 +180,18 @@ def model_config(vocab: int, hidden: int, layers: int):
     return ModelConfig(text=tc, vision=None, tie_word_embeddings=False, name="tiny-guard")
 
 
-def pruned_base(directory, device="cpu"):
+def pruned_base(directory, device="cpu", global_attention: bool = True):
     """The guard's starting point, made as Llama Guard 4 was made from Scout: a pre-trained herd
     model (a Hugging Face directory) with every MoE layer pruned to its shared expert and the
-    vision tower dropped (this guard reads text only). Attention stays the base's (its RoPE/NoPE
-    layers and chunking), so the start is the base's function minus its routed experts."""
+    vision tower dropped (this guard reads text only). The base's RoPE/NoPE layers are kept.
+
+    global_attention: the chunked RoPE layers attend over the whole prompt, as Llama Guard 4's
+    published config has it (attention_chunk_size null; herd's guard4 preset). Why it matters at
+    this size: the speedrun base has 256-position chunks and the guard prompt is ~330 of its
+    tokens, the message at ~215–250 and the verdict at ~320 — in the next chunk, so three of the
+    four layers at the verdict position could not see the message (BENCHMARKS.md). Within the
+    first chunk the function is unchanged. False keeps the base's chunks."""
+    from herd.model.llama4 import build_model
     from herd.model.prune import prune_to_shared_expert
     from herd.train.loop import init_from
 
@@ -189,7 +199,17 @@ def pruned_base(directory, device="cpu"):
         base = init_from(directory, device)[0]
     except ValueError as e:
         raise ValueError(str(e).replace("--init", "--from-base")) from None
-    return prune_to_shared_expert(base, text_only=True)
+    dense = prune_to_shared_expert(base, text_only=True)
+    if not global_attention or dense.config.text.attention_chunk_size is None:
+        return dense
+    config = copy.deepcopy(dense.config)
+    config.text.attention_chunk_size = None
+    if config.text.layer_types is not None:
+        config.text.layer_types = ["full_attention" if t == "chunked_attention" else t
+                                   for t in config.text.layer_types]
+    model = build_model(config, dtype=next(dense.parameters()).dtype, device=device, init=False)
+    model.load_state_dict(dense.state_dict(), strict=True)
+    return model
 
 
 def encode_example(tok, ex: dict) -> tuple[list[int], int]:
@@ -299,7 +319,7 @@ def train(cfg: GuardTrainConfig) -> dict:
 
         model = init_from(cfg.init, env.device)[0]
     elif cfg.from_base:
-        model = pruned_base(cfg.from_base, env.device)
+        model = pruned_base(cfg.from_base, env.device, cfg.global_attention)
     else:
         model = build_model(model_config(cfg.vocab_size, cfg.hidden, cfg.layers)).to(env.device)
         model.init_weights()

@@ -21,6 +21,7 @@ def moe_base(tmp_path, guard_tokenizer):
     t.vocab_size, t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads = 512, 64, 2, 2, 1
     t.head_dim, t.intermediate_size, t.intermediate_size_mlp, t.num_local_experts = 32, 32, 64, 4
     t.no_rope_layers = [1, 0]
+    t.attention_chunk_size = 32  # shorter than a guard prompt, as the speedrun base's 256 chunks are
     base = 512 - 128
     t.bos_token_id, t.eos_token_id = base, [base + 1, base + 7, base + 8]
     cfg.boi_token_index, cfg.eoi_token_index, cfg.image_token_index = base + 16, base + 17, base + 28
@@ -46,7 +47,7 @@ def test_from_base_starts_from_the_pruned_base_and_keeps_its_tokenizer(tmp_path,
     t = guard.config.text
     assert guard.vision_model is None and t.moe_layers == [] and t.intermediate_size_mlp == 32
     assert not any(isinstance(m, MoE) for m in guard.modules())
-    assert t.no_rope_layers == [1, 0] and t.attention_chunk_size == base.config.text.attention_chunk_size
+    assert t.no_rope_layers == [1, 0] and t.attention_chunk_size is None  # global, as Llama Guard 4's config
     # lr 0: the saved guard is exactly the pruned base: the shared experts are its MLPs
     for g_layer, b_layer in zip(guard.layers, base.layers):
         for name in ("gate_proj", "up_proj", "down_proj"):
@@ -54,6 +55,30 @@ def test_from_base_starts_from_the_pruned_base_and_keeps_its_tokenizer(tmp_path,
                                        getattr(b_layer.feed_forward.shared_expert, name).weight)
         torch.testing.assert_close(g_layer.self_attn.q_proj.weight, b_layer.self_attn.q_proj.weight)
     torch.testing.assert_close(guard.language_model.lm_head.weight, base.language_model.lm_head.weight)
+
+
+def test_global_attention_keeps_the_first_chunk_and_lets_the_verdict_see_past_it(moe_base):
+    base = load_model(moe_base, dtype=torch.float32)
+    chunk = base.config.text.attention_chunk_size
+    assert chunk == 32
+    kept, wide = tlg.pruned_base(moe_base, global_attention=False), tlg.pruned_base(moe_base)
+    assert kept.config.text.attention_chunk_size == chunk and wide.config.text.attention_chunk_size is None
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 384, (1, chunk + 40), generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(wide(x[:, :chunk]), kept(x[:, :chunk]))  # same function inside one chunk
+        y = x.clone()
+        y[0, chunk - 20] = (x[0, chunk - 20] + 1) % 384  # change a token in the first chunk
+        # the last position (second chunk) sees it on every layer when global, only on the NoPE layer when chunked
+        d_wide = (wide(y)[0, -1] - wide(x)[0, -1]).abs().max()
+        assert d_wide > 1e-4
+    # chunked: the change reaches the last position only through the NoPE (global) layer; with that
+    # layer's attention output zeroed, nothing reaches it
+    for m in (kept, wide):
+        m.layers[1].self_attn.o_proj.weight.data.zero_()
+    with torch.no_grad():
+        assert (kept(y)[0, -1] - kept(x)[0, -1]).abs().max() == 0
+        assert (wide(y)[0, -1] - wide(x)[0, -1]).abs().max() > 1e-4
 
 
 def test_from_base_bad_input_is_one_clear_error(tmp_path, moe_base):
@@ -74,4 +99,7 @@ def test_cli_passes_from_base(monkeypatch, tmp_path):
     cli.add_guard_subcommand(parser.add_subparsers())
     args = parser.parse_args(["guard", "train-llama", "--from-base", "runs/x", "--out", str(tmp_path)])
     assert args.func(args) == 0
-    assert seen["cfg"].from_base == "runs/x" and seen["cfg"].lr == 1e-3
+    assert seen["cfg"].from_base == "runs/x" and seen["cfg"].lr == 1e-3 and seen["cfg"].global_attention
+    seen.clear()
+    args = parser.parse_args(["guard", "train-llama", "--from-base", "runs/x", "--keep-chunks", "--out", str(tmp_path)])
+    assert args.func(args) == 0 and not seen["cfg"].global_attention
