@@ -6,6 +6,8 @@
                                              score ≥ t is flagged: strictly above the (k+1)-th
                                              highest negative score, k = ⌊0.01 · n⁻⌋
     binary_report(pred, labels)              recall, false-positive rate, precision, F1
+    per_class_report(pred_sets, truths)      per category: precision, recall, F1, support, where an
+                                             example may name several categories (a verdict's codes)
 
 Prompt Guard 2's model card reports recall at 1 % FPR and AUC; Llama Guard 4's card reports
 recall, FPR and F1. Tests check these against scikit-learn.
@@ -61,3 +63,21 @@ def binary_report(pred, labels) -> dict:
     precision = tp / (tp + fp) if tp + fp else float("nan")
     f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan")
     return {"recall": recall, "fpr": fpr, "precision": precision, "f1": f1, "tp": tp, "fp": fp, "fn": fn, "tn": tn}
+
+
+def per_class_report(pred_sets, truths, classes=None) -> dict:
+    """{class: precision, recall, f1, support} with several predicted classes allowed per example:
+    pred_sets[i] the classes named for example i (empty for `safe`), truths[i] its class (None for
+    safe). Class c's true positives are examples with truth c that name c; every other example
+    naming c is a false positive (a safe prompt called S7 is a false S7). Undefined ratios are nan."""
+    classes = list(classes) if classes is not None else sorted({t for t in truths if t is not None})
+    out = {}
+    for c in classes:
+        tp = sum(c in p and t == c for p, t in zip(pred_sets, truths))
+        named = sum(c in p for p in pred_sets)
+        support = sum(t == c for t in truths)
+        precision = tp / named if named else float("nan")
+        recall = tp / support if support else float("nan")
+        f1 = 2 * tp / (named + support) if named + support else float("nan")
+        out[c] = {"precision": precision, "recall": recall, "f1": f1, "support": support, "named": named}
+    return out

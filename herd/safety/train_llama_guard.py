@@ -350,7 +350,7 @@ def evaluate(model_dir, examples: list[dict], limit: int | None = None) -> dict:
     from tqdm import tqdm
 
     from herd.safety.llama_guard import LlamaGuard
-    from herd.safety.metrics import auc, binary_report
+    from herd.safety.metrics import auc, binary_report, per_class_report
     from herd.safety.verdict import CATEGORY_NAMES
 
     guard = LlamaGuard.from_pretrained(model_dir, dtype=torch.float32)
@@ -382,6 +382,10 @@ def evaluate(model_dir, examples: list[dict], limit: int | None = None) -> dict:
         rep["n"] = len(pos)
         per[code] = rep
     report["per_category"] = per
+    # naming the category, as a classifier of S-codes over every held-out prompt (a safe prompt whose
+    # verdict names S7 is a false S7; a blocked prompt naming no code names nothing)
+    report["per_code"] = per_class_report([r["codes"] for r in prompts], [r["code"] for r in prompts],
+                                          sorted({r["code"] for r in prompts if r["code"]}, key=lambda c: int(c[1:])))
     report["table"] = model_card_table(report)
     (Path(model_dir) / "guard_eval.json").write_text(json.dumps({"report": report, "rows": rows}, indent=1))
     return report
@@ -398,6 +402,34 @@ def model_card_table(report: dict) -> str:
     for kind in ("prompt", "response"):
         r = report[kind]
         lines.append(f"| **all {kind}s** | {r['n_unsafe']} | {r['recall']:.2f} | {r['fpr']:.2f} | {r['f1']:.2f} | |")
+    return "\n".join(lines)
+
+
+def category_table(per_code: dict, bow: dict | None = None, verdict_f1: float | None = None) -> str:
+    """Markdown: per S-code precision / recall / F1 with support for the guard (report["per_code"]),
+    and beside it the bag-of-words baseline's (bag_of_words_categories()["per_code"]) if given."""
+    from herd.safety.verdict import CATEGORY_NAMES
+
+    def f(x):
+        return "–" if x != x else f"{x:.2f}"  # nan: the code was never named
+
+    head = "| code | support | guard precision | guard recall | guard F1 |"
+    rule = "|---|---:|---:|---:|---:|"
+    if bow:
+        head, rule = head + " BoW precision | BoW recall | BoW F1 |", rule + "---:|---:|---:|"
+    lines = [head, rule]
+    for code in CATEGORY_NAMES:
+        r = per_code.get(code)
+        if r is None or not r["support"]:
+            lines.append(f"| {code} {CATEGORY_NAMES[code]} | 0 | no data | | |" + (" | | |" if bow else ""))
+            continue
+        row = f"| {code} {CATEGORY_NAMES[code]} | {r['support']} | {f(r['precision'])} | {f(r['recall'])} | {f(r['f1'])} |"
+        if bow:
+            b = bow["per_code"][code]
+            row += f" {f(b['precision'])} | {f(b['recall'])} | {f(b['f1'])} |"
+        lines.append(row)
+    if verdict_f1 is not None:
+        lines.append(f"| safe/unsafe verdict (all prompts) | | | | {verdict_f1:.2f} |" + (" | | |" if bow else ""))
     return "\n".join(lines)
 
 
@@ -445,6 +477,8 @@ def bag_of_words_categories(data: dict[str, list[dict]], kind: str = "prompt") -
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 
+    from herd.safety.metrics import per_class_report
+
     tr = [e for e in data["train"] if e["kind"] == kind and e["code"] is not None]
     te = [e for e in data["test"] if e["kind"] == kind and e["code"] is not None]
     vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
@@ -453,4 +487,6 @@ def bag_of_words_categories(data: dict[str, list[dict]], kind: str = "prompt") -
     pred = clf.predict(vec.transform([e["messages"][-1]["content"] for e in te]))
     y = [e["code"] for e in te]
     per = {c: sum(p == c for p, t in zip(pred, y) if t == c) / sum(t == c for t in y) for c in sorted(set(y))}
-    return {"n": len(y), "accuracy": sum(p == t for p, t in zip(pred, y)) / len(y), "recall": per}
+    per_code = per_class_report([{p} for p in pred], y, sorted(set(y) | set(pred), key=lambda c: int(c[1:])))
+    return {"n": len(y), "accuracy": sum(p == t for p, t in zip(pred, y)) / len(y), "recall": per,
+            "per_code": per_code}

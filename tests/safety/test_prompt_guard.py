@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 
-from herd.safety.metrics import auc, binary_report, threshold_at_fpr
+from herd.safety.metrics import auc, binary_report, per_class_report, threshold_at_fpr
 from herd.safety.prompt_guard import (
     HFPromptGuard,
     NgramModel,
@@ -97,6 +98,24 @@ def test_metrics_match_sklearn():
     assert rep["recall"] == pytest.approx(recall_score(y.numpy(), (s >= t).numpy()))
     assert rep["f1"] == pytest.approx(f1_score(y.numpy(), (s >= t).numpy()))
     assert rep["fpr"] <= 0.01
+
+
+def test_per_class_report_matches_sklearn_multilabel():
+    """Verdicts may name several codes, safe ones none: sklearn's per-label scores over the indicator matrix."""
+    from sklearn.metrics import precision_recall_fscore_support
+
+    codes = ["S1", "S2", "S7"]
+    g = torch.Generator().manual_seed(1)
+    truths = [None if r < 0.3 else codes[int(r * 10) % 3] for r in torch.rand(300, generator=g).tolist()]
+    preds = [{c for c in codes if torch.rand(1, generator=g).item() < (0.7 if c == t else 0.15)} for t in truths]
+    rep = per_class_report(preds, truths, codes)
+    y = [[t == c for c in codes] for t in truths]
+    yhat = [[c in p for c in codes] for p in preds]
+    P, R, F, S = precision_recall_fscore_support(y, yhat, zero_division=0)
+    for i, c in enumerate(codes):
+        assert (rep[c]["precision"], rep[c]["recall"], rep[c]["f1"], rep[c]["support"]) == pytest.approx(
+            (P[i], R[i], F[i], S[i]))
+    assert math.isnan(per_class_report([set()], ["S1"], ["S1"])["S1"]["precision"])  # never named: undefined
 
 
 # ---- the n-gram model ----------------------------------------------------------------------

@@ -58,11 +58,27 @@ def test_tiny_guard_trains_through_the_shared_loop_and_loads(tmp_path, toy_guard
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3] and "val_loss" in rows[-1]
     ev = summary["eval"]
     assert ev["n"] == 4 and "| prompt S9 Indiscriminate Weapons |" in ev["table"]
+    assert ev["per_code"]["S9"]["support"] == 2  # the two unsafe held-out prompts
+    table = tlg.category_table(ev["per_code"], verdict_f1=ev["prompt"]["f1"])
+    assert "| S9 Indiscriminate Weapons | 2 |" in table and "| S3 Sex-Related Crimes | 0 | no data |" in table
     guard = LlamaGuard.from_pretrained(tmp_path / "g", dtype=torch.float32)
     v = guard.scan("bomb 99")
     assert v.status in ("ok", "parse_error") and 0 <= v.score <= 1
     acc = tlg.category_accuracy(tmp_path / "g", toy[8:])  # teacher-forced code of the 2 unsafe test items
     assert acc["n"] == 2 and sum(acc["predicted"].values()) == 2 and acc["accuracy"] in (0.0, 0.5, 1.0)
+
+
+def test_category_table_sets_the_guard_beside_the_bag_of_words():
+    nan = float("nan")
+    guard = {"S7": {"precision": 0.5, "recall": 1.0, "f1": 2 / 3, "support": 3, "named": 6},
+             "S1": {"precision": nan, "recall": 0.0, "f1": 0.0, "support": 2, "named": 0}}
+    bow = {"per_code": {"S7": {"precision": 1.0, "recall": 2 / 3, "f1": 0.8, "support": 3},
+                        "S1": {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2}}}
+    table = tlg.category_table(guard, bow, verdict_f1=0.9).splitlines()
+    assert table[0].startswith("| code | support | guard precision") and table[0].endswith("BoW F1 |")
+    assert "| S1 Violent Crimes | 2 | – | 0.00 | 0.00 | 0.50 | 0.50 | 0.50 |" in table  # never named: no precision
+    assert "| S7 Privacy | 3 | 0.50 | 1.00 | 0.67 | 1.00 | 0.67 | 0.80 |" in table
+    assert len(table) == 2 + 14 + 1 and table[-1].startswith("| safe/unsafe verdict")
 
 
 def test_balanced_resampling_repeats_rare_categories_only():
