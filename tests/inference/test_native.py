@@ -7,6 +7,7 @@ them skip with the reason the loader gives.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 
 from herd.inference import native
 from herd.inference.fast import DenseKernel
+from herd.inference.native import autotune
 from herd.inference.quant import Int8Kernel, quantize_int8
 
 # HERD_NATIVE=0 (the user's switch to torch's kernels) turns the kernels off for the whole run,
@@ -31,6 +33,19 @@ needs_native = pytest.mark.skipif(not CAN_RUN, reason="turned off by HERD_NATIVE
 def test_the_kernels_build_and_load_here():
     assert native.available(), native.why_unavailable()
     assert native.why_unavailable() is None
+
+
+# every compiled variant of the products (rows × prefetch × thread split), then the setting in use
+VARIANTS = [*autotune.VARIANTS, ()]
+
+
+@pytest.fixture
+def two_threads():
+    """The chunked thread splits only run with more than one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
 
 
 def _weights(N, K, seed=0):
@@ -52,49 +67,157 @@ def _block_quantized(x: torch.Tensor, levels: int) -> torch.Tensor:
 
 
 @needs_native
-@pytest.mark.parametrize("N,K", [(1, 64), (37, 128), (1024, 1024), (515, 2048)])  # tails of 4 rows, 1 row
-def test_w8a16_is_the_product_with_16_bit_activations(N, K):
+@pytest.mark.parametrize("N,K", [(1, 64), (37, 128), (1024, 1024), (515, 2048)])  # tails of 8/4/2 rows, chunks
+def test_w8a16_is_the_product_with_16_bit_activations(N, K, two_threads):
     q, s, x = _weights(N, K)
     w = q.double() * s.double()[:, None]
-    y = native.w8a16_gemv(q, s, x)
-    assert y.dtype == torch.float32 and y.shape == (N,)
     ref = w @ _block_quantized(x, 32767)
-    assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-6
     exact = w @ x.double()  # and 16-bit activations are as good as exact at bf16 precision
-    assert ((y.double() - exact).abs().max() / exact.abs().max()).item() < 1e-4
-    yb = native.w8a16_gemv(q, s, x.bfloat16())  # bf16 activations: bf16 output
     refb = w @ x.bfloat16().double()
-    assert yb.dtype == torch.bfloat16
-    assert ((yb.double() - refb).abs() <= refb.abs() * 2 ** -8 + 1e-4 * refb.abs().max()).all()
+    for tuning in VARIANTS:
+        y = native.w8a16_gemv(q, s, x, tuning)
+        assert y.dtype == torch.float32 and y.shape == (N,)
+        assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-6, tuning
+        assert ((y.double() - exact).abs().max() / exact.abs().max()).item() < 1e-4, tuning
+        yb = native.w8a16_gemv(q, s, x.bfloat16(), tuning)  # bf16 activations: bf16 output
+        assert yb.dtype == torch.bfloat16
+        assert ((yb.double() - refb).abs() <= refb.abs() * 2 ** -8 + 1e-4 * refb.abs().max()).all(), tuning
 
 
 @needs_native
 @pytest.mark.parametrize("N,K", [(5, 64), (1024, 1024), (300, 2048)])
-def test_w8a8_is_the_product_with_block_quantized_activations(N, K):
+def test_w8a8_is_the_product_with_block_quantized_activations(N, K, two_threads):
     q, s, x = _weights(N, K, seed=1)
     x[:64] *= 50  # one block with large values: its scale must not leak into the others
     x[64:128] = 0  # an all-zero block (scale 0)
     ref = (q.double() * s.double()[:, None]) @ _block_quantized(x, 127)
-    y = native.w8a8_gemv(q, s, x)
-    assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-6
     exact = (q.double() * s.double()[:, None]) @ x.double()
-    rel = ((y.double() - exact).norm() / exact.norm()).item()
-    assert 1e-5 < rel < 0.02, rel  # really quantized, and close
+    for tuning in VARIANTS:
+        y = native.w8a8_gemv(q, s, x, tuning)
+        assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-6, tuning
+        rel = ((y.double() - exact).norm() / exact.norm()).item()
+        assert 1e-5 < rel < 0.02, (tuning, rel)  # really quantized, and close
 
 
 @needs_native
 @pytest.mark.parametrize("N,K", [(3, 64), (1024, 1024), (2051, 1024)])
-def test_bf16_gemv_matches_float64(N, K):
+def test_bf16_gemv_matches_float64(N, K, two_threads):
     if not native.bf16_available():
         pytest.skip("this CPU lacks AVX512-BF16")
     g = torch.Generator().manual_seed(2)
     w, x = torch.randn(N, K, generator=g).bfloat16(), torch.randn(K, generator=g).bfloat16()
     ref = w.double() @ x.double()
-    y = native.bf16_gemv(w, x)
-    assert y.dtype == torch.bfloat16
-    # the float32 sum rounded once to bf16: within half a bf16 ulp plus float32 summation error
-    assert ((y.double() - ref).abs() <= ref.abs() * 2 ** -8 + 1e-4).all()
-    assert ((y.double() - torch.mv(w, x).double()).abs() <= ref.abs() * 2 ** -7 + 1e-3).all()
+    mv = torch.mv(w, x).double()
+    for tuning in VARIANTS:
+        y = native.bf16_gemv(w, x, tuning)
+        assert y.dtype == torch.bfloat16
+        # the float32 sum rounded once to bf16: within half a bf16 ulp plus float32 summation error
+        assert ((y.double() - ref).abs() <= ref.abs() * 2 ** -8 + 1e-4).all(), tuning
+        assert ((y.double() - mv).abs() <= ref.abs() * 2 ** -7 + 1e-3).all(), tuning
+
+
+@needs_native
+def test_all_variants_give_the_same_bits(two_threads):
+    """Each row is summed by the same instructions in the same order whatever the setting, so the
+    autotune's choice changes speed only, never a result."""
+    q, s, x = _weights(1000, 1024, seed=8)
+    w = (q.float() * s[:, None]).bfloat16()
+    kernels = {"w8a16": lambda t: native.w8a16_gemv(q, s, x, t), "w8a8": lambda t: native.w8a8_gemv(q, s, x, t)}
+    if native.bf16_available():
+        kernels["bf16"] = lambda t: native.bf16_gemv(w, x.bfloat16(), t)
+    for name, fn in kernels.items():
+        want = fn(autotune.DEFAULT)
+        for tuning in VARIANTS:
+            assert torch.equal(fn(tuning), want), (name, tuning)
+
+
+@needs_native
+def test_a_setting_outside_the_compiled_variants_is_a_clear_error():
+    q, s, x = _weights(8, 128)
+    with pytest.raises(RuntimeError, match="rows must be 2, 4 or 8"):
+        native.w8a16_gemv(q, s, x, (3, 1, 0))
+    with pytest.raises(RuntimeError, match="prefetch must be"):
+        native.w8a8_gemv(q, s, x, (4, 3, 0))
+    with pytest.raises(RuntimeError, match="chunk must be"):
+        native.w8a8_gemv(q, s, x, (4, 1, 100))
+    with pytest.raises(RuntimeError, match="kernel must be"):
+        torch.ops.herd_native.set_gemv_tuning("fp8", [4, 1, 0])
+
+
+@needs_native
+def test_the_loaded_kernels_run_a_measured_or_cached_setting():
+    t = native.tuning()
+    assert t["source"] in ("tuned", "cache") or t["source"].startswith("default (HERD_NATIVE_AUTOTUNE=0)")
+    assert set(t["settings"]) == ({"bf16", "w8a16", "w8a8"} if native.bf16_available() else {"w8a16", "w8a8"})
+    assert all(tuple(v) in autotune.VARIANTS for v in t["settings"].values())
+
+
+@needs_native
+def test_autotune_measures_every_kernel_and_picks_a_compiled_variant():
+    kernels = ("w8a16", "w8a8", "bf16") if native.bf16_available() else ("w8a16", "w8a8")
+    got = autotune.tune(kernels, pool_bytes=2 << 20, repeat=2)
+    for k in kernels:
+        assert tuple(got["settings"][k]) in autotune.VARIANTS
+        assert len(got["gbps"][k]) == 14 and all(v > 0 for v in got["gbps"][k].values())
+        assert autotune.name(autotune.DEFAULT) in got["gbps"][k]
+
+
+def test_autotune_cache_is_written_reused_and_invalidated(tmp_path):
+    path = tmp_path / autotune.FILE
+    calls = []
+
+    def fake(kernels, setting=(8, 2, 64)):
+        calls.append(kernels)
+        return {"settings": {k: list(setting) for k in kernels}, "gbps": {}, "seconds": 0.1}
+
+    first = autotune.load_or_tune(path, "key-a", 2, ("w8a16", "w8a8"), run=fake)
+    assert first["source"] == "tuned" and first["settings"]["w8a8"] == [8, 2, 64] and len(calls) == 1
+    assert json.loads(path.read_text())["key"] == "key-a"
+    again = autotune.load_or_tune(path, "key-a", 2, ("w8a16", "w8a8"), run=fake)  # reused, not measured
+    assert again["source"] == "cache" and again["settings"] == first["settings"] and len(calls) == 1
+    # another thread count is tuned and kept beside the first
+    assert autotune.load_or_tune(path, "key-a", 1, ("w8a16", "w8a8"), run=fake)["source"] == "tuned"
+    assert set(json.loads(path.read_text())["threads"]) == {"1", "2"}
+    # a kernel the cache lacks (bf16 on a CPU that has it now) → tuned again
+    assert autotune.load_or_tune(path, "key-a", 2, ("bf16", "w8a16"), run=fake)["source"] == "tuned"
+    # another key (other CPU flags or another kernel source): tuned again, the old entries dropped
+    other = autotune.load_or_tune(path, "key-b", 2, ("w8a16",), run=lambda k: fake(k, (2, 0, 0)))
+    assert other["source"] == "tuned" and other["settings"]["w8a16"] == [2, 0, 0]
+    data = json.loads(path.read_text())
+    assert data["key"] == "key-b" and set(data["threads"]) == {"2"}
+    assert len(calls) == 4
+
+
+@pytest.mark.parametrize("text", ["{not json", "[]", '{"key": "key-a", "threads": {"2": {"settings": '
+                                  '{"w8a16": [3, 1, 0]}}}}', '{"key": "key-a", "threads": 7}', ""])
+def test_a_corrupted_autotune_cache_is_ignored_and_rewritten(tmp_path, text):
+    path = tmp_path / autotune.FILE
+    path.write_text(text)
+    got = autotune.load_or_tune(path, "key-a", 2, ("w8a16",),
+                                run=lambda k: {"settings": {"w8a16": [2, 4, 256]}, "gbps": {}, "seconds": 0})
+    assert got["source"] == "tuned" and got["settings"]["w8a16"] == [2, 4, 256]
+    assert autotune.load_or_tune(path, "key-a", 2, ("w8a16",), run=None)["source"] == "cache"
+
+
+def test_autotune_key_follows_cpu_flags_and_source():
+    flags = frozenset({"avx512f", "avx512_vnni"})
+    key = autotune.cache_key(flags, b"kernel source")
+    assert key == autotune.cache_key(frozenset(sorted(flags)), b"kernel source")
+    assert key != autotune.cache_key(flags | {"avx512_bf16"}, b"kernel source")
+    assert key != autotune.cache_key(flags, b"kernel source, edited")
+
+
+@needs_native
+def test_autotune_off_runs_the_defaults_and_touches_no_cache():
+    cache = native._build().parent / autotune.FILE
+    before = cache.read_bytes() if cache.exists() else None
+    code = ("import torch; from herd.inference import native; t = native.tuning(); print(t['source']); "
+            "print(sorted(set(map(tuple, t['settings'].values())))); q = torch.ones(64, 64, dtype=torch.int8); "
+            "print(native.w8a16_gemv(q, torch.ones(64), torch.ones(64))[0].item())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "HERD_NATIVE_AUTOTUNE": "0"}).stdout.splitlines()
+    assert out == ["default (HERD_NATIVE_AUTOTUNE=0)", str([autotune.DEFAULT]), "64.0"]
+    assert (cache.read_bytes() if cache.exists() else None) == before
 
 
 @needs_native

@@ -19,6 +19,10 @@ The C++ source is compiled on first use with the system's g++ (about 10 s) into
 loaded into torch (torch.ops.herd_native). The build is written to a temporary name and renamed,
 so concurrent processes never load a half-written library. It needs an x86 CPU with AVX-512 (F, BW,
 VL) and VNNI, and a C++ compiler; HERD_NATIVE=0 turns it off (the portable torch kernels are used).
+
+On first load the products' rows / prefetch / thread-split setting is measured on this CPU (about
+1 s, native/autotune.py) and cached in autotune.json beside the library; `native.tuning()` says
+what was chosen and where it came from; HERD_NATIVE_AUTOTUNE=0 keeps the defaults.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from herd.inference.native import autotune
 
 SOURCE = Path(__file__).with_name("gemv.cpp")
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
@@ -95,29 +101,41 @@ def _build() -> Path:
 
 
 @functools.cache
-def _load() -> tuple[bool, str | None]:
-    """(loaded, why not) — tried once per process."""
+def _load() -> tuple[bool, str | None, dict | None]:
+    """(loaded, why not, the products' tuning) — tried once per process."""
     if os.environ.get("HERD_NATIVE", "1") == "0":
-        return False, "turned off by HERD_NATIVE=0"
+        return False, "turned off by HERD_NATIVE=0", None
     missing = [f for f in CPU_FLAGS if f not in _cpu_flags()]
     if missing:
-        return False, f"this CPU lacks {', '.join(missing)}"
+        return False, f"this CPU lacks {', '.join(missing)}", None
     if shutil.which(_compiler()) is None:
-        return False, "no C++ compiler (g++) on PATH"
+        return False, "no C++ compiler (g++) on PATH", None
     try:
-        torch.ops.load_library(str(_build()))
+        lib = _build()
+        torch.ops.load_library(str(lib))
     except (RuntimeError, OSError) as e:
-        return False, str(e)
+        return False, str(e), None
     _register_fakes()
-    return True, None
+    return True, None, _tune(lib.parent)
+
+
+def _tune(where: Path) -> dict:
+    """The products' settings for this CPU (native/autotune.py), applied to the loaded kernels."""
+    kernels = tuple(k for k in autotune.KERNELS if k != "bf16" or "avx512_bf16" in _cpu_flags())
+    if os.environ.get("HERD_NATIVE_AUTOTUNE", "1") == "0":
+        return autotune.defaults(kernels, "default (HERD_NATIVE_AUTOTUNE=0)")
+    key = autotune.cache_key(_cpu_flags(), SOURCE.read_bytes())
+    found = autotune.load_or_tune(where / autotune.FILE, key, torch.get_num_threads(), kernels)
+    autotune.apply(found["settings"])
+    return found
 
 
 def _register_fakes() -> None:
     """Output shapes of the ops for fake tensors, so that torch.compile can trace calls to them."""
     lib = "herd_native::"
-    torch.library.register_fake(lib + "bf16_gemv")(lambda w, x: x.new_empty(w.shape[0]))
-    torch.library.register_fake(lib + "w8a16_gemv")(lambda q, s, x: x.new_empty(q.shape[0]))
-    torch.library.register_fake(lib + "w8a8_gemv")(lambda q, s, x: x.new_empty(q.shape[0]))
+    torch.library.register_fake(lib + "bf16_gemv")(lambda w, x, tuning=(): x.new_empty(w.shape[0]))
+    torch.library.register_fake(lib + "w8a16_gemv")(lambda q, s, x, tuning=(): x.new_empty(q.shape[0]))
+    torch.library.register_fake(lib + "w8a8_gemv")(lambda q, s, x, tuning=(): x.new_empty(q.shape[0]))
     torch.library.register_fake(lib + "decode_attention")(lambda q, k, v, scale: torch.empty_like(q))
     torch.library.register_fake(lib + "rms_norm")(lambda x, w, eps: torch.empty_like(x))
     torch.library.register_fake(lib + "swiglu")(lambda gu: gu.new_empty(gu.shape[0] // 2))
@@ -137,6 +155,13 @@ def available() -> bool:
 def why_unavailable() -> str | None:
     """None when available(), else the reason, for messages and benchmark reports."""
     return _load()[1]
+
+
+def tuning() -> dict | None:
+    """The products' settings in use (None when the kernels are not available): {"settings": {kernel:
+    [rows, prefetch, chunk]}, "source": "cache" | "tuned" | "default (…)", "threads": n, and where
+    measured "gbps": {kernel: {variant: GB/s}}} (see native/autotune.py)."""
+    return _load()[2]
 
 
 def available_for(dtype: torch.dtype) -> bool:
@@ -161,15 +186,16 @@ def op(name: str):
     return getattr(torch.ops.herd_native, name)
 
 
-def w8a16_gemv(q: torch.Tensor, s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def w8a16_gemv(q: torch.Tensor, s: torch.Tensor, x: torch.Tensor, tuning: tuple[int, int, int] = ()) -> torch.Tensor:
     """int8 q [N, K] · float32 scales s [N] times x [K] (float32/bf16) → y [N] in x's dtype;
-    x taken as int16 per block of 64 values (see gemv.cpp), float32 sums."""
-    return op("w8a16_gemv")(q, s, x)
+    x taken as int16 per block of 64 values (see gemv.cpp), float32 sums. tuning (rows, prefetch,
+    chunk) runs one variant (autotune.VARIANTS); () the setting in use."""
+    return op("w8a16_gemv")(q, s, x, list(tuning))
 
 
-def w8a8_gemv(q: torch.Tensor, s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def w8a8_gemv(q: torch.Tensor, s: torch.Tensor, x: torch.Tensor, tuning: tuple[int, int, int] = ()) -> torch.Tensor:
     """As w8a16_gemv with x quantized to int8 per block of 64 values (symmetric, round to nearest)."""
-    return op("w8a8_gemv")(q, s, x)
+    return op("w8a8_gemv")(q, s, x, list(tuning))
 
 
 def bf16_available() -> bool:
@@ -177,8 +203,9 @@ def bf16_available() -> bool:
     return available() and "avx512_bf16" in _cpu_flags()
 
 
-def bf16_gemv(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """bf16 w [N, K] times bf16 x [K] → bf16 y [N], float32 accumulation (K % 64 == 0)."""
+def bf16_gemv(w: torch.Tensor, x: torch.Tensor, tuning: tuple[int, int, int] = ()) -> torch.Tensor:
+    """bf16 w [N, K] times bf16 x [K] → bf16 y [N], float32 accumulation (K % 64 == 0); tuning as
+    for w8a16_gemv."""
     if not bf16_available():
         raise RuntimeError("the native bf16 kernel needs AVX512-BF16 and the native kernels loaded")
-    return op("bf16_gemv")(w, x)
+    return op("bf16_gemv")(w, x, list(tuning))

@@ -15,8 +15,17 @@
 //   bf16:  y = W x for bf16 W [N, K] and x [K] on vdpbf16ps (exact products, float32 sums).
 //
 // x float32 or bfloat16 [K] → y [N] in x's dtype. Rows are split across torch's intra-op threads
-// (at::parallel_for); four rows at a time share each load of x. Needs AVX-512 (F, BW, VL) with VNNI,
+// (at::parallel_for); R rows at a time share each load of x. Needs AVX-512 (F, BW, VL) with VNNI,
 // and AVX512-BF16 for the bf16 kernel (compiled for it, run only where the CPU has it); K % 64 == 0.
+//
+// Tuning (issue 19): the three products are compiled in every combination of three knobs, chosen per
+// kernel at run time (set_gemv_tuning; herd/inference/native/autotune.py measures them once per CPU):
+//   rows      R ∈ {2, 4, 8}: rows per inner loop = independent accumulator chains, loads of x shared;
+//   prefetch  P ∈ {0, 1, 2, 4}: software prefetch P row groups (P·R rows) ahead, 0 = hardware only;
+//   chunk     C ∈ {0, 64, 256}: 0 = each thread streams one contiguous range of rows; C > 0 = chunks
+//             of C rows dealt round-robin, so the threads read neighbouring memory at the same time.
+// Every row is summed by the same instructions in the same order whatever the setting, so all
+// variants give bit-identical results; only their speed differs.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -24,18 +33,61 @@
 
 #include <cmath>
 #include <cstdint>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
 constexpr int64_t kBlock = 64;  // values per activation block (one 512-bit register of int8)
-constexpr int64_t kRows = 4;    // rows per inner loop
 constexpr int64_t kGrain = 32;  // rows per parallel task, at least
 
-// Each loop over a group of kRows rows also asks for the same bytes of the next group: software
-// prefetch one group ahead lets both cores keep ~29 GB/s in flight on this machine, against
-// ~20 GB/s from the hardware prefetchers alone (rows 1–2 KB apart defeat their stride detection).
+// Each loop over a group of R rows can also ask for the same bytes P groups ahead: on the Intel Xeon
+// this was written on, software prefetch one group of 4 rows ahead let both cores keep ~29 GB/s in
+// flight, against ~20 GB/s from the hardware prefetchers alone (rows 1–2 KB apart defeat their stride
+// detection). How far ahead pays differs between CPUs, hence the knob.
 inline void prefetch(const void* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
+
+// One kernel's setting (see the header); the defaults are the pre-autotune kernel's.
+struct Tuning {
+  int rows = 4, prefetch = 1, chunk = 0;
+};
+enum Kernel { kBf16 = 0, kW8a16 = 1, kW8a8 = 2 };
+Tuning g_tuning[3];  // set once at load by the autotune (set_gemv_tuning), read by every product
+
+Tuning tuning_from(c10::IntArrayRef t, Kernel k) {  // [] → the kernel's current setting
+  if (t.empty()) return g_tuning[k];
+  TORCH_CHECK(t.size() == 3, "tuning must be [rows, prefetch, chunk]");
+  TORCH_CHECK(t[0] == 2 || t[0] == 4 || t[0] == 8, "tuning rows must be 2, 4 or 8, not ", t[0]);
+  TORCH_CHECK(t[1] == 0 || t[1] == 1 || t[1] == 2 || t[1] == 4, "tuning prefetch must be 0, 1, 2 or 4, not ", t[1]);
+  TORCH_CHECK(t[2] == 0 || t[2] == 64 || t[2] == 256, "tuning chunk must be 0, 64 or 256, not ", t[2]);
+  return {static_cast<int>(t[0]), static_cast<int>(t[1]), static_cast<int>(t[2])};
+}
+
+void set_gemv_tuning(c10::string_view kernel, c10::IntArrayRef t) {
+  TORCH_CHECK(!t.empty(), "tuning must be [rows, prefetch, chunk]");
+  const Kernel k = kernel == "bf16" ? kBf16 : kernel == "w8a16" ? kW8a16 : kernel == "w8a8" ? kW8a8 : Kernel(-1);
+  TORCH_CHECK(k >= 0, "kernel must be bf16, w8a16 or w8a8, not ", std::string(kernel));
+  g_tuning[k] = tuning_from(t, k);
+}
+
+// f(R, P) with R, P as compile-time constants (std::integral_constant) for the setting's rows and prefetch.
+template <typename F>
+void with_variant(const Tuning& t, F f) {
+  auto p = [&](auto R) {
+    switch (t.prefetch) {
+      case 0: return f(R, std::integral_constant<int, 0>{});
+      case 2: return f(R, std::integral_constant<int, 2>{});
+      case 4: return f(R, std::integral_constant<int, 4>{});
+      default: return f(R, std::integral_constant<int, 1>{});
+    }
+  };
+  switch (t.rows) {
+    case 2: return p(std::integral_constant<int, 2>{});
+    case 8: return p(std::integral_constant<int, 8>{});
+    default: return p(std::integral_constant<int, 4>{});
+  }
+}
 
 void check(const at::Tensor& q, const at::Tensor& s, const at::Tensor& x) {
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous(), "q must be a contiguous int8 [N, K]");
@@ -71,17 +123,29 @@ std::vector<float> to_float(const at::Tensor& x) {
   return out;
 }
 
-// Runs rows(out, n0, n1) over [0, N) on torch's intra-op threads; out is y's data as float or bf16.
-template <typename F>
-at::Tensor over_rows(int64_t N, const at::Tensor& x, F rows) {
-  auto y = at::empty({N}, x.options());
-  if (x.scalar_type() == at::kFloat) {
-    float* out = y.data_ptr<float>();
+// Runs rows(out, n0, n1) over [0, N) on torch's intra-op threads, split as `chunk` says (one contiguous
+// range per thread, or chunks of `chunk` rows dealt round-robin); out is y's data as float or bf16.
+template <typename Out, typename F>
+void split_rows(int64_t N, int64_t chunk, Out* out, F& rows) {
+  const int64_t T = at::get_num_threads(), chunks = chunk > 0 ? (N + chunk - 1) / chunk : 0;
+  if (chunk == 0 || T == 1 || N <= kGrain * 2 || chunks < 2) {
     at::parallel_for(0, N, kGrain, [&](int64_t b, int64_t e) { rows(out, b, e); });
-  } else {
-    at::BFloat16* out = y.data_ptr<at::BFloat16>();
-    at::parallel_for(0, N, kGrain, [&](int64_t b, int64_t e) { rows(out, b, e); });
+    return;
   }
+  const int64_t tasks = std::min(T, chunks);
+  at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; t++)
+      for (int64_t c = t; c < chunks; c += tasks) rows(out, c * chunk, std::min(N, (c + 1) * chunk));
+  });
+}
+
+template <typename F>
+at::Tensor over_rows(int64_t N, const at::Tensor& x, int64_t chunk, F rows) {
+  auto y = at::empty({N}, x.options());
+  if (x.scalar_type() == at::kFloat)
+    split_rows(N, chunk, y.data_ptr<float>(), rows);
+  else
+    split_rows(N, chunk, y.data_ptr<at::BFloat16>(), rows);
   return y;
 }
 
@@ -163,7 +227,7 @@ struct Int8X {
 };
 
 // ---- both: y[n] = s[n] · Σ_b d[b] · (int32 block sum), R rows at a time ------------------------------
-template <int R, typename X, typename Out>
+template <int R, int P, typename X, typename Out>
 void int8_rows(const int8_t* q, const float* s, const X& xq, Out* y, int64_t n, int64_t K) {
   __m512 acc[R];
   for (int i = 0; i < R; i++) acc[i] = _mm512_setzero_ps();
@@ -171,7 +235,7 @@ void int8_rows(const int8_t* q, const float* s, const X& xq, Out* y, int64_t n, 
     const __m512 d = _mm512_set1_ps(xq.scale[b]);
     for (int i = 0; i < R; i++) {
       const int8_t* row = q + (n + i) * K + b * kBlock;
-      prefetch(row + R * K);
+      if constexpr (P > 0) prefetch(row + P * R * K);
       acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(xq.dot(row, b)), d, acc[i]);
     }
   }
@@ -179,26 +243,35 @@ void int8_rows(const int8_t* q, const float* s, const X& xq, Out* y, int64_t n, 
 }
 
 template <typename X>
-at::Tensor int8_gemv(const at::Tensor& q, const at::Tensor& s, const at::Tensor& x) {
+at::Tensor int8_gemv(const at::Tensor& q, const at::Tensor& s, const at::Tensor& x, const Tuning& t) {
   check(q, s, x);
   const int64_t N = q.size(0), K = q.size(1);
   const X xq = X::quantize(to_float(x));
   const int8_t* Q = q.data_ptr<int8_t>();
   const float* S = s.data_ptr<float>();
-  return over_rows(N, x, [&](auto* y, int64_t b, int64_t e) {
-    int64_t n = b;
-    for (; n + kRows <= e; n += kRows) int8_rows<kRows>(Q, S, xq, y, n, K);
-    for (; n < e; n++) int8_rows<1>(Q, S, xq, y, n, K);
+  at::Tensor y;
+  with_variant(t, [&](auto r, auto p) {
+    constexpr int R = decltype(r)::value, P = decltype(p)::value;
+    y = over_rows(N, x, t.chunk, [&](auto* out, int64_t b, int64_t e) {
+      int64_t n = b;
+      for (; n + R <= e; n += R) int8_rows<R, P>(Q, S, xq, out, n, K);
+      for (; n < e; n++) int8_rows<1, 0>(Q, S, xq, out, n, K);
+    });
   });
+  return y;
 }
 
-at::Tensor w8a16(const at::Tensor& q, const at::Tensor& s, const at::Tensor& x) { return int8_gemv<Int16X>(q, s, x); }
-at::Tensor w8a8(const at::Tensor& q, const at::Tensor& s, const at::Tensor& x) { return int8_gemv<Int8X>(q, s, x); }
+at::Tensor w8a16(const at::Tensor& q, const at::Tensor& s, const at::Tensor& x, c10::IntArrayRef t) {
+  return int8_gemv<Int16X>(q, s, x, tuning_from(t, kW8a16));
+}
+at::Tensor w8a8(const at::Tensor& q, const at::Tensor& s, const at::Tensor& x, c10::IntArrayRef t) {
+  return int8_gemv<Int8X>(q, s, x, tuning_from(t, kW8a8));
+}
 
 // ---- bf16 ----------------------------------------------------------------------------------------
 // y[n] = Σ_k w[n,k] · x[k] for bf16 w and x: vdpbf16ps multiplies 32 bf16 pairs exactly and adds
 // them into 16 float32 lanes. Only built into the running code where the CPU has AVX512-BF16.
-template <int R, typename Out>
+template <int R, int P, typename Out>
 __attribute__((target("avx512bf16"))) void bf16_rows(const uint16_t* w, const uint16_t* x, Out* y, int64_t n,
                                                       int64_t K) {
   __m512 acc[R][2];
@@ -207,8 +280,10 @@ __attribute__((target("avx512bf16"))) void bf16_rows(const uint16_t* w, const ui
     const __m512bh x0 = (__m512bh)_mm512_loadu_si512(x + k), x1 = (__m512bh)_mm512_loadu_si512(x + k + 32);
     for (int i = 0; i < R; i++) {
       const uint16_t* row = w + (n + i) * K + k;
-      prefetch(row + R * K);
-      prefetch(row + R * K + 32);
+      if constexpr (P > 0) {
+        prefetch(row + P * R * K);
+        prefetch(row + P * R * K + 32);
+      }
       acc[i][0] = _mm512_dpbf16_ps(acc[i][0], (__m512bh)_mm512_loadu_si512(row), x0);
       acc[i][1] = _mm512_dpbf16_ps(acc[i][1], (__m512bh)_mm512_loadu_si512(row + 32), x1);
     }
@@ -216,7 +291,7 @@ __attribute__((target("avx512bf16"))) void bf16_rows(const uint16_t* w, const ui
   for (int i = 0; i < R; i++) y[n + i] = static_cast<Out>(_mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1])));
 }
 
-at::Tensor bf16(const at::Tensor& w, const at::Tensor& x) {
+at::Tensor bf16(const at::Tensor& w, const at::Tensor& x, c10::IntArrayRef tuning) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16 && w.is_contiguous(), "w must be a contiguous bf16 [N, K]");
   TORCH_CHECK(x.dim() == 1 && x.scalar_type() == at::kBFloat16 && x.size(0) == w.size(1), "x must be bf16 [K]");
   TORCH_CHECK(w.size(1) % kBlock == 0, "K must be a multiple of 64");
@@ -224,11 +299,17 @@ at::Tensor bf16(const at::Tensor& w, const at::Tensor& x) {
   const auto xc = x.contiguous();
   const uint16_t* W = reinterpret_cast<const uint16_t*>(w.data_ptr());
   const uint16_t* X = reinterpret_cast<const uint16_t*>(xc.data_ptr());
-  return over_rows(N, x, [&](auto* y, int64_t b, int64_t e) {
-    int64_t n = b;
-    for (; n + kRows <= e; n += kRows) bf16_rows<kRows>(W, X, y, n, K);
-    for (; n < e; n++) bf16_rows<1>(W, X, y, n, K);
+  const Tuning t = tuning_from(tuning, kBf16);
+  at::Tensor y;
+  with_variant(t, [&](auto r, auto p) {
+    constexpr int R = decltype(r)::value, P = decltype(p)::value;
+    y = over_rows(N, x, t.chunk, [&](auto* out, int64_t b, int64_t e) {
+      int64_t n = b;
+      for (; n + R <= e; n += R) bf16_rows<R, P>(W, X, out, n, K);
+      for (; n < e; n++) bf16_rows<1, 0>(W, X, out, n, K);
+    });
   });
+  return y;
 }
 
 // ---- attention of one query position over a KV cache --------------------------------------------
@@ -570,9 +651,11 @@ at::Tensor swiglu(const at::Tensor& gate_up) {
 // torch.compile's fake tensors (the ops stay opaque calls inside compiled graphs).
 TORCH_LIBRARY(herd_native, m) {
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
-  m.def("bf16_gemv(Tensor w, Tensor x) -> Tensor");
-  m.def("w8a16_gemv(Tensor q, Tensor s, Tensor x) -> Tensor");
-  m.def("w8a8_gemv(Tensor q, Tensor s, Tensor x) -> Tensor");
+  // tuning [rows, prefetch, chunk] picks a variant; [] (the default) the kernel's set_gemv_tuning
+  m.def("bf16_gemv(Tensor w, Tensor x, int[] tuning=[]) -> Tensor");
+  m.def("w8a16_gemv(Tensor q, Tensor s, Tensor x, int[] tuning=[]) -> Tensor");
+  m.def("w8a8_gemv(Tensor q, Tensor s, Tensor x, int[] tuning=[]) -> Tensor");
+  m.def("set_gemv_tuning(str kernel, int[] tuning) -> ()", set_gemv_tuning);  // no tensors: no dispatch key
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("attention_prep(Tensor qkv, Tensor cos, Tensor sin, int h, int kv, bool rope, bool qk_norm, float eps, "
         "float scale, bool temp) -> (Tensor, Tensor, Tensor)");
