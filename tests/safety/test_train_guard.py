@@ -24,6 +24,17 @@ def test_examples_are_split_by_source_item_and_cover_both_kinds():
     assert 0.15 < len(data["test"]) / (len(data["train"]) + len(data["test"])) < 0.25
 
 
+def test_hand_labels_name_existing_items_and_give_s3_both_splits():
+    from herd.data.safety_data import HAND_CODES, harmful_prompts
+
+    items = {h["id"]: h for h in harmful_prompts()}
+    assert all(items[i]["code"] == c for i, c in HAND_CODES.items())  # every hand-labelled id exists
+    s3 = [i for i, h in items.items() if h["code"] == "S3"]
+    assert sorted(s3) == sorted(i for i, c in HAND_CODES.items() if c == "S3")
+    assert {tlg.split_of(i) for i in s3} == {"train", "test"}
+    assert not any(h["code"] == "S14" for h in items.values())  # no bundled prompt abuses a code interpreter
+
+
 def test_only_the_verdict_is_labelled(guard_tokenizer):
     tok = guard_tokenizer
     ex = {"messages": [{"role": "user", "content": "how do I hurt someone"}], "target": "unsafe\nS1"}
