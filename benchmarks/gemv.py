@@ -12,6 +12,11 @@ GiB on the same threads, best of 5) are printed first, and every kernel's rate a
 of that bandwidth — the bound a matrix-vector product can reach — so a figure from one CPU kind
 means something on another.
 
+The autotune (herd/inference/native/autotune.py): the setting the kernels run with (cached, or
+measured at load) is printed, then every compiled variant of each product (rows × prefetch ×
+thread split, 36 per kernel) over a --variant-gib matrix, in turns, with its GB/s and fraction of
+the read bandwidth — the full picture the autotune's short measurement samples. --no-variants skips it.
+
     python benchmarks/gemv.py
     python benchmarks/gemv.py --threads 1 --gib 0.5
 """
@@ -26,7 +31,7 @@ import torch
 from common import cpu_model, load_average, machine, markdown_table, read_bandwidth
 
 from herd.inference import native
-from herd.inference.quant import quantize_int8
+from herd.inference.native import autotune
 from herd.model.attention import attention_lse
 
 
@@ -42,6 +47,8 @@ def main() -> None:
     ap.add_argument("--gib", type=float, default=1.0, help="size of each weight matrix in GiB")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--bw-gib", type=float, default=1.0, help="GiB summed to measure the read bandwidth")
+    ap.add_argument("--variant-gib", type=float, default=0.25, help="size of the weight each variant reads")
+    ap.add_argument("--no-variants", action="store_true", help="skip the table of every tuning variant")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if not native.available():
@@ -101,7 +108,45 @@ def main() -> None:
     print(markdown_table(["single-query attention, 8 heads / 2 KV heads, 512 keys, bf16", "µs per call (median)", "vs"],
                          [[name, f"{statistics.median(v):.1f}", f"{peer / statistics.median(v):.2f}× faster"
                            if name.startswith("herd") else "peer"] for name, v in us.items()]))
+    if not args.no_variants:
+        print()
+        variants(args, bw, g)
     print(f"\nload average at end {load_average().split()[0]}")
+
+
+def variants(args, bw: float, g: torch.Generator) -> None:
+    """The setting in use and every variant's rate, per kernel, the variants taking turns."""
+    t = native.tuning()
+    print(f"tuning in use ({t['source']}, {t['threads']} threads"
+          + (f", measured in {t['seconds']} s" if "seconds" in t else "") + "): "
+          + "; ".join(f"{k} {autotune.name(tuple(v))}" for k, v in t["settings"].items()))
+    if t["threads"] != args.threads:
+        print(f"(tuned for {t['threads']} threads, benchmarked on {args.threads})")
+    K = 1024
+    n8 = int(args.variant_gib * 2**30) // K
+    q, s = torch.randint(-127, 128, (n8, K), dtype=torch.int8, generator=g), torch.rand(n8, generator=g) / 100
+    w, x = torch.randn(n8 // 2, K, generator=g).bfloat16(), torch.randn(K, generator=g).bfloat16()
+    kernels = {"w8a16": (lambda v: native.w8a16_gemv(q, s, x, v), q.numel()),
+               "w8a8": (lambda v: native.w8a8_gemv(q, s, x, v), q.numel())}
+    if native.bf16_available():
+        kernels = {"bf16": (lambda v: native.bf16_gemv(w, x, v), w.numel() * 2), **kernels}
+    rows = []
+    for k, (fn, nbytes) in kernels.items():
+        rates: dict = {v: [] for v in autotune.VARIANTS}
+        for v in autotune.VARIANTS:
+            fn(v)  # warm-up
+        for _ in range(args.repeat):
+            for v in autotune.VARIANTS:
+                rates[v].append(nbytes / timed(lambda: fn(v)) / 1e9)
+        med = {v: statistics.median(r) for v, r in rates.items()}
+        chosen = tuple(t["settings"][k])
+        for v in sorted(med, key=med.get, reverse=True):
+            mark = " ← in use" if v == chosen else ""
+            mark += " (default)" if v == autotune.DEFAULT else ""
+            rows.append([k, autotune.name(v) + mark, f"{med[v]:.1f}", f"{med[v] / bw:.0%}",
+                         f"{med[v] / med[autotune.DEFAULT]:.2f}×"])
+    print(markdown_table([f"kernel ({args.variant_gib} GiB weight)", "variant", "GB/s (median)",
+                          "of read bandwidth", "vs default"], rows))
 
 
 if __name__ == "__main__":

@@ -175,6 +175,10 @@ def test_autotune_cache_is_written_reused_and_invalidated(tmp_path):
     assert json.loads(path.read_text())["key"] == "key-a"
     again = autotune.load_or_tune(path, "key-a", 2, ("w8a16", "w8a8"), run=fake)  # reused, not measured
     assert again["source"] == "cache" and again["settings"] == first["settings"] and len(calls) == 1
+    forced = autotune.load_or_tune(path, "key-a", 2, ("w8a16", "w8a8"), run=lambda k: fake(k, (2, 1, 256)),
+                                   force=True)  # HERD_NATIVE_AUTOTUNE=retune: measured again, rewritten
+    assert forced["source"] == "tuned" and len(calls) == 2
+    assert autotune.load_or_tune(path, "key-a", 2, ("w8a16", "w8a8"), run=None)["settings"]["w8a8"] == [2, 1, 256]
     # another thread count is tuned and kept beside the first
     assert autotune.load_or_tune(path, "key-a", 1, ("w8a16", "w8a8"), run=fake)["source"] == "tuned"
     assert set(json.loads(path.read_text())["threads"]) == {"1", "2"}
@@ -185,7 +189,7 @@ def test_autotune_cache_is_written_reused_and_invalidated(tmp_path):
     assert other["source"] == "tuned" and other["settings"]["w8a16"] == [2, 0, 0]
     data = json.loads(path.read_text())
     assert data["key"] == "key-b" and set(data["threads"]) == {"2"}
-    assert len(calls) == 4
+    assert len(calls) == 5
 
 
 @pytest.mark.parametrize("text", ["{not json", "[]", '{"key": "key-a", "threads": {"2": {"settings": '

@@ -14,7 +14,7 @@ torch.mv) and spends less time between the products (see gemv.cpp for the maths)
     else:
         print(native.why_unavailable())
 
-The C++ source is compiled on first use with the system's g++ (about 10 s) into
+The C++ source is compiled on first use with the system's g++ (about 20 s) into
 ~/.cache/herd/native/<hash of source, flags and torch version>/ (or $HERD_CACHE/native/…) and
 loaded into torch (torch.ops.herd_native). The build is written to a temporary name and renamed,
 so concurrent processes never load a half-written library. It needs an x86 CPU with AVX-512 (F, BW,
@@ -22,7 +22,8 @@ VL) and VNNI, and a C++ compiler; HERD_NATIVE=0 turns it off (the portable torch
 
 On first load the products' rows / prefetch / thread-split setting is measured on this CPU (about
 1 s, native/autotune.py) and cached in autotune.json beside the library; `native.tuning()` says
-what was chosen and where it came from; HERD_NATIVE_AUTOTUNE=0 keeps the defaults.
+what was chosen and where it came from; HERD_NATIVE_AUTOTUNE=0 keeps the defaults, =retune
+measures again (on an idle machine: timings taken under load choose badly).
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def _build() -> Path:
     if lib.is_file():
         return lib
     lib.parent.mkdir(parents=True, exist_ok=True)
-    print(f"herd: compiling the native CPU kernels into {lib.parent} (once, ~10 s)", file=sys.stderr, flush=True)
+    print(f"herd: compiling the native CPU kernels into {lib.parent} (once, ~20 s)", file=sys.stderr, flush=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
     os.close(fd)
     try:
@@ -122,10 +123,12 @@ def _load() -> tuple[bool, str | None, dict | None]:
 def _tune(where: Path) -> dict:
     """The products' settings for this CPU (native/autotune.py), applied to the loaded kernels."""
     kernels = tuple(k for k in autotune.KERNELS if k != "bf16" or "avx512_bf16" in _cpu_flags())
-    if os.environ.get("HERD_NATIVE_AUTOTUNE", "1") == "0":
+    mode = os.environ.get("HERD_NATIVE_AUTOTUNE", "1")
+    if mode == "0":
         return autotune.defaults(kernels, "default (HERD_NATIVE_AUTOTUNE=0)")
     key = autotune.cache_key(_cpu_flags(), SOURCE.read_bytes())
-    found = autotune.load_or_tune(where / autotune.FILE, key, torch.get_num_threads(), kernels)
+    found = autotune.load_or_tune(where / autotune.FILE, key, torch.get_num_threads(), kernels,
+                                  force=mode == "retune")
     autotune.apply(found["settings"])
     return found
 

@@ -23,10 +23,10 @@ looked up in a table of CPU names:
   * the result is cached in autotune.json beside the compiled library, keyed by the CPU's flags
     and gemv.cpp's hash (either changing means tuning again) and by the thread count; a file that
     does not parse or does not match is ignored and rewritten, never an error;
-  * HERD_NATIVE_AUTOTUNE=0 skips all of it and runs the defaults.
+  * HERD_NATIVE_AUTOTUNE=0 skips all of it and runs the defaults; HERD_NATIVE_AUTOTUNE=retune
+    measures again whatever the cache holds, and rewrites it.
 
-Timings on a busy machine choose badly; delete autotune.json (or change the thread count) to tune
-again on an idle one. benchmarks/gemv.py prints every variant's rate and the chosen setting.
+Timings on a busy machine choose badly: tune again on an idle one (HERD_NATIVE_AUTOTUNE=retune). benchmarks/gemv.py prints every variant's rate and the chosen setting.
 """
 
 from __future__ import annotations
@@ -150,12 +150,12 @@ def _write(path: Path, key: str, threads: int, entry: dict) -> None:
 
 
 def load_or_tune(path: Path, key: str, threads: int, kernels: tuple[str, ...] = KERNELS,
-                 run: Callable[[tuple[str, ...]], dict] = tune) -> dict:
+                 run: Callable[[tuple[str, ...]], dict] = tune, force: bool = False) -> dict:
     """The settings for these kernels on `threads` threads: from the cache file when it holds them
-    for this key, else measured by run(kernels) and written there (a cache that cannot be written is
-    not an error: the settings still apply to this process). Returns the entry plus "source"
-    ("cache" or "tuned") and "threads"."""
-    entry = _read(path, key, threads, kernels)
+    for this key (and not `force`), else measured by run(kernels) and written there (a cache that
+    cannot be written is not an error: the settings still apply to this process). Returns the entry
+    plus "source" ("cache" or "tuned") and "threads"."""
+    entry = None if force else _read(path, key, threads, kernels)
     if entry is not None:
         return {**entry, "source": "cache", "threads": threads}
     entry = run(kernels)
