@@ -106,18 +106,22 @@ def time_to(run: dict, target: float, steps_wall: float) -> float | None:
     return None
 
 
-TRL_SCRIPT = r'''
+# TRL's GRPOTrainer, timed per step. One step = generate the step's groups through transformers, score,
+# one optimizer step; a step counts only once it has ended (on_step_end), so a run cut by the wall-clock
+# cap still reports every completed step. Each completed step prints one JSON line at once (flushed):
+# the parent keeps the lines it read before it killed the process.
+TRL_SCRIPT = r"""
 import json, sys, time, warnings
 warnings.filterwarnings("ignore")
 import torch
-torch.set_num_threads(int(sys.argv[3]))
+cfg = json.loads(sys.argv[1])
+torch.set_num_threads(cfg["threads"])
 from datasets import Dataset
 from transformers import Llama4ForCausalLM, PreTrainedTokenizerFast, TrainerCallback
 import trl
 from herd.tokenizer import load_tokenizer
 from herd.train.rl.learner import load_items, prompt_ids, parse_rewards
 from herd.train.rl.rewards import REWARDS
-cfg = json.loads(sys.argv[1]); budget = float(sys.argv[2])
 tok = load_tokenizer(cfg["init"])
 items, _ = load_items(cfg["tasks"], cfg["per_task"], cfg["seed"])
 rows = [{"prompt": tok.decode(prompt_ids(tok, it)), "answer": it.get("answer"), "verifier": it.get("verifier"),
@@ -136,42 +140,72 @@ model = Llama4ForCausalLM.from_pretrained(cfg["init"], torch_dtype=torch.float32
 # TRL's fused LM head reaches the backbone through model.base_model, which Llama4ForCausalLM does not
 # resolve (base_model_prefix "language_model", backbone at .model): tests/train/test_dpo.py does the same
 object.__setattr__(model, "language_model", model.model)
-class Budget(TrainerCallback):
+class PerStep(TrainerCallback):
+    # a step's time: from the previous step's end (or the loop's start) to this step's end
+    def on_train_begin(self, args, state, control, **kw):
+        self.t = time.perf_counter()
     def on_step_end(self, args, state, control, **kw):
-        if time.perf_counter() - t0 > budget:
-            control.should_training_stop = True
+        now = time.perf_counter()
+        print(json.dumps({"step": state.global_step, "step_s": now - self.t}), flush=True)
+        self.t = now
+    def on_log(self, args, state, control, logs=None, **kw):
+        if logs and "reward" in logs:
+            print(json.dumps({"step": state.global_step, "reward": logs["reward"]}), flush=True)
+# one generation batch per optimizer step (steps_per_generation 1, no accumulation): a step generates
+# exactly P prompts × G completions, the same groups herd's step generates
 args = trl.GRPOConfig(output_dir=cfg["out"], num_generations=cfg["G"], max_completion_length=cfg["max_new"],
-                      per_device_train_batch_size=cfg["G"] * cfg["P"], learning_rate=cfg["lr"], beta=0.0,
-                      max_steps=cfg["max_steps"], logging_steps=1, report_to=[], use_cpu=True, bf16=False,
+                      per_device_train_batch_size=cfg["G"] * cfg["P"], gradient_accumulation_steps=1,
+                      steps_per_generation=1, num_iterations=1, learning_rate=cfg["lr"], beta=0.0,
+                      max_steps=cfg["steps"], logging_steps=1, report_to=[], use_cpu=True, bf16=False,
                       save_strategy="no", temperature=1.0, reward_weights=list(weights.values()), seed=cfg["seed"],
-                      router_aux_loss_coef=0.0)  # herd rl has no router auxiliary loss either
+                      disable_tqdm=True, router_aux_loss_coef=0.0)  # herd rl has no router auxiliary loss either
 trainer = trl.GRPOTrainer(model=model, args=args, reward_funcs=[wrap(n) for n in weights],
-                          train_dataset=Dataset.from_list(rows), processing_class=hf_tok)
-t0 = time.perf_counter()
+                          train_dataset=Dataset.from_list(rows), processing_class=hf_tok, callbacks=[PerStep()])
+print(json.dumps({"ready": True}), flush=True)
 trainer.train()
-wall = time.perf_counter() - t0
-logs = [h for h in trainer.state.log_history if "reward" in h]
-print(json.dumps({"wall_s": wall, "steps": trainer.state.global_step,
-                  "samples": trainer.state.global_step * cfg["G"] * cfg["P"],
-                  "reward": [(i + 1, h["reward"]) for i, h in enumerate(logs)]}))
-'''
+"""
 
 
-def trl_run(out: Path, args, budget: float) -> dict:
+def trl_run(out: Path, args) -> dict:
+    """TRL GRPOTrainer for args.trl_steps steps (the first is warm-up, reported apart) under a hard
+    wall-clock cap (args.trl_timeout s, model loading included): samples/s = P·G × counted steps ÷ their
+    summed step seconds. A run killed at the cap reports the steps it completed; none completed is an
+    error that says so."""
     cfg = {"init": args.init, "tasks": args.tasks, "per_task": args.per_task, "seed": args.seed,
-           "rewards": args.rewards,
-           "out": str(out / "trl"), "G": args.group_size, "P": args.prompts, "max_new": args.max_new_tokens,
-           "lr": args.lr, "max_steps": args.steps if args.smoke else 10_000}
-    threads = os.environ.get("HERD_THREADS", "2")
-    r = subprocess.run([args.trl_python, "-c", TRL_SCRIPT, json.dumps(cfg), str(budget), threads],
-                       capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    if r.returncode != 0:
-        errs = [x for x in r.stderr.splitlines() if "Error" in x or "error" in x] or [f"exit {r.returncode}"]
-        return {"name": "trl", "error": errs[-1].strip()}
-    res = json.loads(r.stdout.strip().splitlines()[-1])
-    return {"name": "trl", "wall_s": round(res["wall_s"], 1), "loop_s": round(res["wall_s"], 1),
-            "samples": res["samples"], "samples_per_s": round(res["samples"] / res["wall_s"], 2),
-            "reward": res["reward"], "eval": []}
+           "rewards": args.rewards, "out": str(out / "trl"), "G": args.group_size, "P": args.trl_prompts,
+           "max_new": args.max_new_tokens, "lr": args.lr, "steps": args.trl_steps,
+           "threads": int(os.environ.get("HERD_THREADS", "2"))}
+    proc = subprocess.Popen([args.trl_python, "-c", TRL_SCRIPT, json.dumps(cfg)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        stdout, stderr = proc.communicate(timeout=args.trl_timeout)
+        capped = False
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)  # its own session: the trainer and anything it started
+        stdout, stderr = proc.communicate()
+        capped = True
+    lines = []
+    for x in stdout.splitlines():
+        try:
+            lines.append(json.loads(x))
+        except ValueError:
+            continue
+    steps = [(r["step"], r["step_s"]) for r in lines if "step_s" in r]
+    rewards = [(r["step"], r["reward"]) for r in lines if "reward" in r]
+    per_step = cfg["G"] * cfg["P"]
+    base = {"name": "trl", "steps_done": len(steps), "steps_asked": cfg["steps"], "capped_at_s": args.trl_timeout
+            if capped else None, "prompts_per_step": cfg["P"], "samples_per_step": per_step,
+            "step_s": [round(s, 2) for _, s in steps], "reward": rewards, "eval": []}
+    if not capped and proc.returncode != 0 and len(steps) < 2:
+        errs = [x for x in stderr.splitlines() if "Error" in x or "error" in x] or [f"exit {proc.returncode}"]
+        return {**base, "error": errs[-1].strip()}
+    if len(steps) < 2:  # the warm-up step alone (or nothing) finished before the cap
+        return {**base, "error": f"{len(steps)} TRL step(s) ended within the {args.trl_timeout} s cap (≥ 2 needed: "
+                                 f"the first is warm-up); one step generates {per_step} completions"}
+    counted = [s for _, s in steps[1:]]
+    return {**base, "warmup_step_s": round(steps[0][1], 2), "loop_s": round(sum(counted), 2),
+            "samples": per_step * len(counted), "samples_per_s": round(per_step * len(counted) / sum(counted), 2)}
 
 
 def smoke_model(out: Path) -> str:
@@ -250,16 +284,23 @@ def hard_claim(out: Path, args) -> tuple[dict, dict]:
 
 def timing_claim(out: Path, args) -> tuple[dict, dict]:
     """sync vs async Ray workers, and TRL for the sync run's wall-clock → (result JSON, runs)."""
+    if args.trl_only:  # TRL's per-step time alone: no claim decided
+        print(f"running trl ({args.trl_steps} steps of {args.trl_prompts} prompts × G, cap {args.trl_timeout} s) ...",
+              flush=True)
+        runs = {"trl": trl_run(out, args)}
+        print(json.dumps(runs["trl"]), flush=True)
+        return {"claim": {"pass": None, "smoke": args.smoke, "metric": "TRL arm alone (--trl-only)"},
+                "config": config_of(args), "ratios": {}, "runs": runs}, runs
     runs = {}
     for name, stale in (("sync", "0"), ("async", "1")):
         print(f"running {name} ...", flush=True)
         runs[name] = herd_run(name, out, args, ["--workers", "2", "--max-staleness", stale])
         print(json.dumps(runs[name])[:200], flush=True)
     if not args.no_trl:
-        budget = runs["sync"].get("loop_s") or 120.0
-        print(f"running trl (budget {budget:.0f} s) ...", flush=True)
-        runs["trl"] = trl_run(out, args, budget)
-        print(json.dumps(runs["trl"])[:200], flush=True)
+        print(f"running trl ({args.trl_steps} steps of {args.trl_prompts} prompts × G, cap {args.trl_timeout} s) ...",
+              flush=True)
+        runs["trl"] = trl_run(out, args)
+        print(json.dumps(runs["trl"])[:300], flush=True)
     s, a = runs["sync"], runs["async"]
     ok = "error" not in s and "error" not in a and s.get("loop_s") and a.get("loop_s")
     target = args.target
@@ -355,6 +396,11 @@ def main() -> None:
                    help="training reward for the time-to-target (default: the lower final of sync and async)")
     p.add_argument("--trl-python", default=sys.executable, help="python of the environment with trl (the oracle venv)")
     p.add_argument("--no-trl", action="store_true", help="skip the TRL run")
+    p.add_argument("--trl-only", action="store_true", help="timing claim: the TRL arm alone (its per-step time)")
+    p.add_argument("--trl-steps", type=int, default=3, help="TRL steps (≥ 2; the first is warm-up, not counted)")
+    p.add_argument("--trl-prompts", type=int, default=1, help="prompts per TRL step (G completions each)")
+    p.add_argument("--trl-timeout", type=float, default=300.0,
+                   help="hard wall-clock cap on the TRL subprocess, s (the steps completed by then are reported)")
     p.add_argument("--out", default="runs/bench_rl")
     p.add_argument("--result", default=None, help="write the claim's report-card JSON here (one --claim only)")
     p.add_argument("--smoke", action="store_true", help="random tiny model, 2 steps per run")
@@ -371,6 +417,10 @@ def main() -> None:
         p.error("--init DIR is required (or --smoke)")
     if args.result and args.claim == "all":
         p.error("--result needs one --claim (hard or timing)")
+    if args.trl_only and (args.result or args.claim != "timing"):
+        p.error("--trl-only goes with --claim timing and without --result (it decides no claim)")
+    if args.trl_steps < 2:
+        p.error("--trl-steps must be ≥ 2 (the first step is warm-up, not counted)")
     results = {}
     if args.claim in ("hard", "all"):
         results["hard"], _ = hard_claim(out, args)

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
@@ -54,6 +56,7 @@ class Rollout:
     version: int
     worker: int = 0
     rewards: list = field(default_factory=list)  # filled by the learner's scoring
+    gen_s: float = 0.0                            # seconds the worker spent generating it (the timeline)
 
 
 GenerateFn = Callable[..., Awaitable[tuple[list[Completion], int]]]  # (prompt ids, n, pixel_values=None)
@@ -80,14 +83,40 @@ class RolloutWorker:
         self.version = 0
         self.rng = random.Random(seed * 1_000_003 + worker_id)
         self.eos = set(model.config.text.eos_token_ids)
+        self._pending: tuple[dict, int] | None = None  # newest offered weights, not yet switched to
+        self._arrived = threading.Condition()
 
     def set_weights(self, state_dict: dict, version: int) -> int:
-        """Switch to a published policy (between requests). Older versions than the current are ignored."""
+        """Switch to a published policy now (between requests). Older versions than the current are ignored."""
         if version >= self.version:
             with torch.no_grad():
                 self.model.load_state_dict(state_dict, strict=True)
             self.version = version
         return self.version
+
+    def offer_weights(self, state_dict: dict, version: int) -> int:
+        """Hand over a published policy from another thread while a request may be running: kept as
+        pending (only the newest) and switched to when the next request starts, so requests already
+        queued run on the newest weights, not on the version current when they were queued. Returns
+        the newest version this worker holds or has pending."""
+        with self._arrived:
+            if version > max(self.version, self._pending[1] if self._pending else -1):
+                self._pending = (state_dict, version)
+                self._arrived.notify_all()
+            return max(self.version, self._pending[1] if self._pending else -1)
+
+    def _switch(self, min_version: int, timeout: float = 600.0) -> None:
+        """Before a request: take the pending weights, waiting for them if the request needs a newer
+        version than this worker has (its weights are still on the way: a Ray actor resolves them in
+        another thread)."""
+        with self._arrived:
+            if not self._arrived.wait_for(
+                    lambda: max(self.version, self._pending[1] if self._pending else -1) >= min_version, timeout):
+                raise RuntimeError(f"rollout worker {self.worker_id}: weights version {min_version} never arrived "
+                                   f"(holding {self.version}) within {timeout:.0f} s")
+            pending, self._pending = self._pending, None
+        if pending is not None:
+            self.set_weights(*pending)
 
     async def generate(self, prompt_ids: list[int], n: int,
                        pixel_values: torch.Tensor | None = None) -> tuple[list[Completion], int]:
@@ -119,9 +148,14 @@ class RolloutWorker:
         return out, version
 
     def rollout(self, prompt_index: int, prompt_ids: list[int], n: int,
-                pixel_values: torch.Tensor | None = None) -> Rollout:
-        """The synchronous entry point (what a Ray actor method calls)."""
-        return asyncio.run(rollout(self.generate, prompt_index, prompt_ids, n, self.worker_id, pixel_values))
+                pixel_values: torch.Tensor | None = None, min_version: int = 0) -> Rollout:
+        """The synchronous entry point (what a Ray actor method calls): switch to the newest offered
+        weights (at least `min_version`, the learner's version when it sent the request), then sample."""
+        self._switch(min_version)
+        t = time.perf_counter()
+        r = asyncio.run(rollout(self.generate, prompt_index, prompt_ids, n, self.worker_id, pixel_values))
+        r.gen_s = time.perf_counter() - t
+        return r
 
 
 class StalenessBuffer:

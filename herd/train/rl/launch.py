@@ -8,14 +8,19 @@ experiments/rl layout: plain classes tested in one process, Ray in one launcher)
     driver (herd rl)          starts or joins Ray, creates the actors, draws the progress bar
       ├─ RayLearner           the shared loop: optimizer, checkpoints, metrics.jsonl, run directory
       │    per update:  ref = ray.put(state_dict)                 # one copy in the object store
-      │                 worker.set_weights.remote(ref, version)   # actor calls run in order, so the
-      │                                                           # switch happens between requests
-      │                 worker.rollout.remote(index, ids, G, pixel_values) → Rollout(version it ran on)
+      │                 worker.set_weights.remote(ref, version)   # its own thread: pending, switched
+      │                                                           # to when the next request starts
+      │                 worker.rollout.remote(index, ids, G, pixel_values, min_version)
+      │                                                           # → Rollout(version it ran on)
       ├─ RayRolloutWorker 0   herd's Engine on its own copy of the policy
       └─ RayRolloutWorker 1 …
 
-Workers keep generating while the learner trains (up to one batch ahead when max_staleness > 0);
-the learner's StalenessBuffer drops whatever comes back older than the bound. The learner actor
+Workers keep generating while the learner trains (when max_staleness > 0 the learner queues about
+one step's worth of groups ahead); the learner's StalenessBuffer drops whatever comes back older
+than the bound. Weights do not queue behind rollouts: a worker takes the newest published version
+at the start of each request, so requests queued before an update run on the update (a request
+also names the learner's version when it was sent, and waits for those weights if they are still
+in transit: at --max-staleness 0 nothing can start on the previous version). The learner actor
 is placed on the driver's node (soft affinity), so the run directory it writes is the one the
 driver named; it reports (step, metrics) to the driver, which draws the bar; an error raised in
 it (a bad --tasks, ConstantRewardError) reaches the CLI as the same exception.
@@ -49,7 +54,9 @@ def _worker_class():
 
     from herd.train.rl.actor import RolloutWorker
 
-    @ray.remote(max_restarts=-1, max_task_retries=0)
+    # two concurrency groups, one thread each: weights arrive (and are deserialised) on their own thread
+    # while a rollout runs on the default one; the worker switches to them when its next request starts
+    @ray.remote(max_restarts=-1, max_task_retries=0, concurrency_groups={"weights": 1})
     class RayRolloutWorker:
         def __init__(self, init: str, max_new_tokens: int, temperature: float, seed: int, worker_id: int):
             torch.set_num_threads(1)
@@ -59,11 +66,13 @@ def _worker_class():
             self.worker = RolloutWorker(model, tok, max_new_tokens=max_new_tokens, temperature=temperature,
                                         seed=seed, worker_id=worker_id)
 
+        @ray.method(concurrency_group="weights")
         def set_weights(self, state_dict, version: int) -> int:
-            return self.worker.set_weights(state_dict, version)
+            return self.worker.offer_weights(state_dict, version)
 
-        def rollout(self, prompt_index: int, prompt_ids: list[int], n: int, pixel_values=None) -> Rollout:
-            return self.worker.rollout(prompt_index, prompt_ids, n, pixel_values)
+        def rollout(self, prompt_index: int, prompt_ids: list[int], n: int, pixel_values=None,
+                    min_version: int = 0) -> Rollout:
+            return self.worker.rollout(prompt_index, prompt_ids, n, pixel_values, min_version)
 
         def pid(self) -> int:
             return os.getpid()
@@ -111,13 +120,16 @@ class RayRollouts:
     def publish(self, state_dict: dict, version: int) -> None:
         import ray
 
-        ref = ray.put({k: v.detach().cpu().clone() for k, v in state_dict.items()})
+        ref = ray.put({k: v.detach().cpu() for k, v in state_dict.items()})  # put serialises: a copy already
         self.latest = (ref, version)
         for w in self.workers:
             w.set_weights.remote(ref, version)
 
     def _send(self, w: int, request: tuple) -> None:
-        self.pending[self.workers[w].rollout.remote(*request)] = (w, request)
+        # the request runs on the newest weights the worker holds when it starts, never older than
+        # the learner's version now (the worker waits for weights still on their way)
+        floor = self.latest[1] if self.latest is not None else 0
+        self.pending[self.workers[w].rollout.remote(*request, floor)] = (w, request)
 
     def submit(self, prompt_index: int, prompt_ids: list[int], n: int, pixel_values=None) -> None:
         load = [0] * len(self.workers)

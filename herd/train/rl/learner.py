@@ -303,10 +303,12 @@ class RolloutSource:
         self.published = -1
         self.constant_run = 0
         self.in_flight: set[int] = set()
+        self.taken: list[int] = []  # groups scored per step (the work-ahead estimate)
         self.totals = {"samples": 0, "reward_errors": 0, "stale_dropped": 0}
         self._ids: dict[int, list[int]] = {}
         self._tiles: dict[int, torch.Tensor] = {}  # prompt index → its images' tiles (prompts with images)
-        self.t0 = time.perf_counter()
+        self.t0 = None  # samples/s counts from the first batch drawn (after the initial evaluation)
+        self.t_returned = None  # when the previous batch was handed to the loop (its training time follows)
         self.on_step = None  # called as on_step(step, stats) after each batch (the Ray learner's progress)
         self.progress = None
         if cfg.progress:
@@ -361,7 +363,14 @@ class RolloutSource:
     # --- one batch
     def __next__(self) -> RLBatch:
         cfg, version = self.cfg, self.step
+        t_start = time.perf_counter()
+        self.t0 = self.t0 or t_start
+        # the timeline of a step (seconds): the loop's forward/backward/update of the previous batch, the
+        # weight publish, waiting on rollouts (the learner idle), scoring; workers' generation seconds
+        timing = {"time/train_s": t_start - self.t_returned if self.t_returned is not None else 0.0,
+                  "time/publish_s": 0.0, "time/wait_s": 0.0, "time/score_s": 0.0, "time/generate_s": 0.0}
         self.publish()
+        timing["time/publish_s"] = time.perf_counter() - t_start
         kept, scored, per_fn_all = [], [], {k: [] for k in self.reward_fns}
         errors = zero_adv = stale_before = 0
         stale_before = self.buffer.dropped_stale
@@ -375,12 +384,17 @@ class RolloutSource:
             # back one version late and, at --max-staleness 0, be dropped (an empty step every other step)
             if self.backend.in_flight() == 0 and len(self.buffer) == 0:
                 break  # nothing eligible left
+            t = time.perf_counter()
             for r in self.backend.ready():
                 self.in_flight.discard(r.prompt_index)
                 self.buffer.put(r, version)
+            timing["time/wait_s"] += time.perf_counter() - t
             while len(kept) < cfg.prompts_per_step and (r := self.buffer.take(version)) is not None:
                 used.add(r.prompt_index)
+                t = time.perf_counter()
                 info = self._score(r)
+                timing["time/score_s"] += time.perf_counter() - t
+                timing["time/generate_s"] += r.gen_s
                 errors += info["errors"]
                 for k, v in info["per_fn"].items():
                     per_fn_all[k] += [x for x in v if x is not None]
@@ -396,8 +410,15 @@ class RolloutSource:
             warnings.warn(f"rl step {version + 1}: only {len(kept)} of {cfg.prompts_per_step} groups carry a "
                           f"learning signal (prompt pool: {self.pool.describe()}); training on a smaller batch",
                           RuntimeWarning, stacklevel=2)
-        if cfg.max_staleness > 0:  # work ahead: the next step's groups generate while this one trains
-            self._submit(cfg.prompts_per_step - self.backend.in_flight() - len(self.buffer), used)
+        # work ahead: the next step's groups generate while this one trains. As many as a step has been
+        # taking (kept + zero-advantage: with a hard pool often twice prompts_per_step), not just
+        # prompts_per_step: fewer leave the workers idle during the update and the learner waiting for
+        # refills after it (the measured async loss); a group left over comes back at most one version old
+        self.taken.append(len(scored))
+        if cfg.max_staleness > 0:
+            recent = self.taken[-3:]
+            ahead = max(cfg.prompts_per_step, round(sum(recent) / len(recent)))
+            self._submit(ahead - self.backend.in_flight() - len(self.buffer), used)
 
         # constant reward: nothing scored, or every scored group equal → count towards the stop
         self.constant_run = self.constant_run + 1 if not kept else 0
@@ -417,7 +438,10 @@ class RolloutSource:
                             self.buffer.dropped_stale - stale_before)
         self.step += 1
         self._progress(stats)
-        return collate(kept, advs, self.pad_id, stats, [self._tiles.get(r.prompt_index) for r in kept])
+        batch = collate(kept, advs, self.pad_id, stats, [self._tiles.get(r.prompt_index) for r in kept])
+        self.t_returned = time.perf_counter()
+        stats.update(timing, **{"time/step_s": self.t_returned - t_start + timing["time/train_s"]})
+        return batch
 
     def _stats(self, version, kept, scored, per_fn_all, errors, zero_adv, stale) -> dict:
         rewards = [x for r in scored for x in r.rewards if x is not None]
