@@ -25,7 +25,8 @@ this machine, alternating with herd round by round.
     python benchmarks/decode.py --int4 --int8-act --compile   # + int8 activations, + the compiled step
     python benchmarks/decode.py --profile       # only: a per-op profile of one bf16 batch-1 decode step
 
-The yardstick (issue 19): the CPU model and the box's read bandwidth (float32 sum over 1 GiB, the
+The yardstick (issue 19): the native kernels' per-CPU setting (herd/inference/native/autotune.py),
+the CPU model and the box's read bandwidth (float32 sum over 1 GiB, the
 benchmark's threads, best of 5) are printed first; each batch-1 decode rate is also given as the
 weight stream it implies — tok/s × the weight bytes one token reads (the active weights without
 the embedding table, of which one row is read: bf16 2 bytes, int8 1 + its per-row scale, int4
@@ -137,6 +138,18 @@ def profile_step(model, prompt: list[int], steps: int, kv=None, rows: int = 25) 
           f"profiler) {max(0.0, 1 - in_ops / wall):.0%}")
 
 
+def native_line() -> str:
+    """Which products the step runs: herd's native kernels with their per-CPU setting, or torch's."""
+    from herd.inference import native
+    from herd.inference.native import autotune
+
+    if not native.available():
+        return f"native kernels: not available ({native.why_unavailable()}): torch's kernels"
+    t = native.tuning()
+    return (f"native kernels: setting {t['source']} for {t['threads']} threads — "
+            + "; ".join(f"{k} {autotune.name(tuple(v))}" for k, v in t["settings"].items()))
+
+
 def median(xs: list[float]) -> float:
     xs = sorted(xs)
     return xs[len(xs) // 2]
@@ -235,6 +248,7 @@ def main() -> None:
     kv = None if args.kv == "auto" else args.kv
     print(f"# decode benchmark — {machine()}; load average at start {load_average().split()[0]}")
     cfg = model_config(args.quick)
+    print(native_line())
     if args.profile:
         model = optimize_for_inference(herd.build_model(cfg, dtype=torch.bfloat16, seed=0).eval())
         prompt = torch.randint(2, cfg.text.vocab_size, (args.prompt,), generator=torch.Generator().manual_seed(0))

@@ -176,7 +176,8 @@ class SingleDecoder:
                 attn_out=dict(o=_kernel_arg(a.o_proj), o_b=a.o_proj.bias, ln_w=layer.post_attention_layernorm.weight,
                               eps=layer.post_attention_layernorm.eps, norm=self.norm,
                               router=None if moe is None else _kernel_arg(moe.router)),
-                bias=None if moe is None or not bool(moe.expert_bias.any()) else moe.expert_bias,
+                # cast once here, not per token (the router's logits come out in the model's dtype)
+                bias=None if moe is None or not bool(moe.expert_bias.any()) else moe.expert_bias.to(self.embed.dtype),
                 experts=experts,
                 ffn=dict(gate_up=_kernel_arg(mlp.gate_up), down=_kernel_arg(mlp.down_proj), swiglu=swiglu)))
         fns = (attention_in_native if self.native else attention_in, attention_out, ffn)
@@ -206,7 +207,7 @@ class SingleDecoder:
             if logits is None:  # a dense MLP layer
                 h = self._ffn(h, x, **L["ffn"])
                 continue
-            select = logits if L["bias"] is None else logits + L["bias"].to(logits.dtype)
+            select = logits if L["bias"] is None else logits + L["bias"]
             e = int(select.argmax())  # top-1 (argmax = topk(1) without the sort)
             gate = torch.sigmoid(logits[e].float()).to(x.dtype)  # scales the expert input
             gu, dn = L["experts"]

@@ -155,11 +155,17 @@ def test_the_loaded_kernels_run_a_measured_or_cached_setting():
 @needs_native
 def test_autotune_measures_every_kernel_and_picks_a_compiled_variant():
     kernels = ("w8a16", "w8a8", "bf16") if native.bf16_available() else ("w8a16", "w8a8")
-    got = autotune.tune(kernels, pool_bytes=2 << 20, repeat=2)
-    for k in kernels:
-        assert tuple(got["settings"][k]) in autotune.VARIANTS
-        assert len(got["gbps"][k]) == 14 and all(v > 0 for v in got["gbps"][k].values())
-        assert autotune.name(autotune.DEFAULT) in got["gbps"][k]
+    before = torch.get_num_threads()
+    try:
+        for threads, n in [(2, 14), (1, 12)]:  # one thread: the thread splits are not measured
+            torch.set_num_threads(threads)
+            got = autotune.tune(kernels, pool_bytes=2 << 20, repeat=2)
+            for k in kernels:
+                assert tuple(got["settings"][k]) in autotune.VARIANTS
+                assert len(got["gbps"][k]) == n and all(v > 0 for v in got["gbps"][k].values())
+                assert autotune.name(autotune.DEFAULT) in got["gbps"][k]
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_autotune_cache_is_written_reused_and_invalidated(tmp_path):

@@ -83,6 +83,25 @@ def test_single_step_with_int8_kv_cache_and_quantized_weights(native):
             _same(_decode(q, ids, 24, kv, decoder), _decode(q, ids, 24, kv), torch.bfloat16, native)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_single_step_routes_with_the_load_balancing_bias(dtype):
+    """A model trained with aux-loss-free balancing has a non-zero expert_bias in its routing: the
+    step adds it (cast once, when built) exactly as the general path does, and routes the same."""
+    from herd.model.moe import MoE
+
+    model = _model(dtype)
+    g = torch.Generator().manual_seed(9)
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    assert moes
+    for m in moes:
+        m.expert_bias.copy_(torch.randn(m.expert_bias.shape, generator=g) * 2)
+    ids = torch.randint(0, 500, (1, 36), generator=torch.Generator().manual_seed(5))
+    fast = optimize_for_inference(model)
+    decoder = SingleDecoder(fast, native_glue=False)
+    assert all(L["bias"] is not None for L in decoder.layers if L["experts"] is not None)
+    assert torch.equal(_decode(fast, ids, 20, decoder=decoder), _decode(fast, ids, 20))
+
+
 def test_top2_models_keep_the_general_path():
     fast = optimize_for_inference(_model(num_experts_per_tok=2))
     assert SingleDecoder.for_model(fast) is None

@@ -16,8 +16,9 @@ looked up in a table of CPU names:
   * when the kernels load, each product runs on a pool of 64 MiB of weights (bf16 [2048, 1024]
     or int8 [2048, 1024] matrices, as in the benchmark model, more than a CPU keeps in cache), the
     variants taking turns for 5 rounds, median GB/s per variant: first rows × prefetch with one
-    range per thread (12 variants), then the winner's chunked splits (2 more); about 1 s in all on
-    an idle machine, and never many more rounds than fit in 2 s on a busy one;
+    range per thread (12 variants), then, on more than one thread, the winner's chunked splits (2
+    more); about 1 s in all on an idle machine, and never many more rounds than fit in 2 s on a
+    busy one;
   * the winner replaces the default (rows 4, prefetch 1, chunk 0: the pre-autotune kernel) only
     when it is at least 3% faster, so noise alone does not move the setting;
   * the result is cached in autotune.json beside the compiled library, keyed by the CPU's flags
@@ -109,8 +110,9 @@ def tune(kernels: tuple[str, ...] = KERNELS, pool_bytes: int = POOL_BYTES, repea
         start, share = time.perf_counter(), budget_s / len(kernels)
         got = measure(k, [(r, p, 0) for r in ROWS for p in PREFETCH], pool_bytes, repeat, start + 0.7 * share)
         best = max(got, key=got.get)
-        got.update(measure(k, [(best[0], best[1], c) for c in CHUNK[1:]] + [best], pool_bytes, repeat,
-                           start + share))
+        if torch.get_num_threads() > 1:  # with one thread every split is the same loop
+            got.update(measure(k, [(best[0], best[1], c) for c in CHUNK[1:]] + [best], pool_bytes, repeat,
+                               start + share))
         best = max(got, key=got.get)
         settings[k] = list(best if got[best] > got[DEFAULT] * (1 + MARGIN) else DEFAULT)
         rates[k] = {name(st): round(v, 2) for st, v in got.items()}
