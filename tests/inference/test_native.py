@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -217,17 +219,44 @@ def test_autotune_key_follows_cpu_flags_and_source():
     assert key != autotune.cache_key(flags, b"kernel source, edited")
 
 
+def _own_cache(tmp_path):
+    """A cache directory of the test's own holding a copy of the compiled library → its folder."""
+    lib = native._build()
+    mine = tmp_path / "native" / lib.parent.name / lib.name
+    mine.parent.mkdir(parents=True)
+    shutil.copy(lib, mine)
+    return mine.parent
+
+
+_SHOW = ("import torch; from herd.inference import native; t = native.tuning(); print(t['source']); "
+         "print(sorted(set(map(tuple, t['settings'].values())))); q = torch.ones(64, 64, dtype=torch.int8); "
+         "print(native.w8a16_gemv(q, torch.ones(64), torch.ones(64))[0].item())")
+
+
+def _show(tmp_path, **env) -> list[str]:
+    """A fresh process's tuning source, its settings, a product's value, with tmp_path as the cache."""
+    base = {k: v for k, v in os.environ.items() if k != "HERD_NATIVE_AUTOTUNE"}
+    return subprocess.run([sys.executable, "-c", _SHOW], capture_output=True, text=True, check=True,
+                          env={**base, "HERD_CACHE": str(tmp_path), **env}).stdout.splitlines()
+
+
 @needs_native
-def test_autotune_off_runs_the_defaults_and_touches_no_cache():
-    cache = native._build().parent / autotune.FILE
-    before = cache.read_bytes() if cache.exists() else None
-    code = ("import torch; from herd.inference import native; t = native.tuning(); print(t['source']); "
-            "print(sorted(set(map(tuple, t['settings'].values())))); q = torch.ones(64, 64, dtype=torch.int8); "
-            "print(native.w8a16_gemv(q, torch.ones(64), torch.ones(64))[0].item())")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "HERD_NATIVE_AUTOTUNE": "0"}).stdout.splitlines()
-    assert out == ["default (HERD_NATIVE_AUTOTUNE=0)", str([autotune.DEFAULT]), "64.0"]
-    assert (cache.read_bytes() if cache.exists() else None) == before
+def test_autotune_off_runs_the_defaults_and_touches_no_cache(tmp_path):
+    folder = _own_cache(tmp_path)
+    assert _show(tmp_path, HERD_NATIVE_AUTOTUNE="0") == ["default (HERD_NATIVE_AUTOTUNE=0)", str([autotune.DEFAULT]),
+                                                         "64.0"]
+    assert not (folder / autotune.FILE).exists()
+
+
+@needs_native
+def test_first_load_tunes_and_writes_the_cache_the_next_load_reads_it(tmp_path):
+    folder = _own_cache(tmp_path)
+    first = _show(tmp_path)
+    assert first[0] == "tuned" and first[2] == "64.0"
+    data = json.loads((folder / autotune.FILE).read_text())
+    assert data["key"] == autotune.cache_key(native._cpu_flags(), native.SOURCE.read_bytes()
+                                             + Path(autotune.__file__).read_bytes())
+    assert _show(tmp_path) == ["cache", *first[1:]]
 
 
 @needs_native

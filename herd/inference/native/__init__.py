@@ -126,10 +126,14 @@ def _tune(where: Path) -> dict:
     mode = os.environ.get("HERD_NATIVE_AUTOTUNE", "1")
     if mode == "0":
         return autotune.defaults(kernels, "default (HERD_NATIVE_AUTOTUNE=0)")
-    key = autotune.cache_key(_cpu_flags(), SOURCE.read_bytes())
-    found = autotune.load_or_tune(where / autotune.FILE, key, torch.get_num_threads(), kernels,
-                                  force=mode == "retune")
-    autotune.apply(found["settings"])
+    # keyed by the kernels' source and the tuner's own: a change to either measures again
+    key = autotune.cache_key(_cpu_flags(), SOURCE.read_bytes() + Path(autotune.__file__).read_bytes())
+    try:
+        found = autotune.load_or_tune(where / autotune.FILE, key, torch.get_num_threads(), kernels,
+                                      force=mode == "retune")
+        autotune.apply(found["settings"])
+    except RuntimeError as e:  # the kernels loaded but would not run: they keep their defaults
+        return autotune.defaults(kernels, f"default (the autotune failed: {str(e).splitlines()[0]})")
     return found
 
 
