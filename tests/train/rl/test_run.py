@@ -41,6 +41,29 @@ def test_sampler_and_learner_log_probs_agree_at_staleness_0(rl_model):
     assert diff < 1e-4, diff
 
 
+def test_worker_switches_to_offered_weights_at_the_next_request_and_waits_for_a_newer_floor(rl_model):
+    """Weights offered while requests are queued (a Ray actor's weights thread) are taken when the
+    next request starts, the newest wins, an older offer is ignored; a request sent at version v
+    never runs on an older one: it waits for v's weights, and says so if they never come."""
+    import threading
+
+    import pytest
+
+    model, tok = init_from(rl_model)
+    worker = RolloutWorker(model, tok, max_new_tokens=3, seed=0)
+    new = {k: v + 0.01 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    assert worker.offer_weights(new, 2) == 2 and worker.version == 0  # pending, not switched yet
+    assert worker.offer_weights({}, 1) == 2  # older than the pending: ignored
+    ids = tok.encode("Hello")
+    assert worker.rollout(0, ids, 2).version == 2
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in new.items())  # the newest offer is in place
+    later = threading.Timer(0.2, worker.offer_weights, (new, 3))  # weights still in transit when the request runs
+    later.start()
+    assert worker.rollout(0, ids, 2, min_version=3).version == 3
+    with pytest.raises(RuntimeError, match="version 9 never arrived"):
+        worker._switch(9, timeout=0.05)
+
+
 def rows(out):
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
 
