@@ -14,7 +14,7 @@ means something on another.
 
 The autotune (herd/inference/native/autotune.py): the setting the kernels run with (cached, or
 measured at load) is printed, then every compiled variant of each product (rows × prefetch ×
-thread split, 36 per kernel) over a --variant-gib matrix, in turns, with its GB/s and fraction of
+thread split, 48 per kernel) over a --variant-gib matrix, in turns, with its GB/s and fraction of
 the read bandwidth — the full picture the autotune's short measurement samples. --no-variants skips it.
 
     python benchmarks/gemv.py

@@ -14,7 +14,7 @@ torch.mv) and spends less time between the products (see gemv.cpp for the maths)
     else:
         print(native.why_unavailable())
 
-The C++ source is compiled on first use with the system's g++ (about 20 s) into
+The C++ source is compiled on first use with the system's g++ (about 30 s) into
 ~/.cache/herd/native/<hash of source, flags and torch version>/ (or $HERD_CACHE/native/…) and
 loaded into torch (torch.ops.herd_native). The build is written to a temporary name and renamed,
 so concurrent processes never load a half-written library. It needs an x86 CPU with AVX-512 (F, BW,
@@ -87,7 +87,7 @@ def _build() -> Path:
     if lib.is_file():
         return lib
     lib.parent.mkdir(parents=True, exist_ok=True)
-    print(f"herd: compiling the native CPU kernels into {lib.parent} (once, ~20 s)", file=sys.stderr, flush=True)
+    print(f"herd: compiling the native CPU kernels into {lib.parent} (once, ~30 s)", file=sys.stderr, flush=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
     os.close(fd)
     try:

@@ -2,12 +2,13 @@
 
 The bf16, w8a16 and w8a8 products in gemv.cpp are compiled in every combination of three knobs:
 
-    rows      R ∈ {2, 4, 8}     rows per inner loop (independent accumulator chains sharing x)
+    rows      R ∈ {1, 2, 4, 8}  rows per inner loop (independent accumulator chains sharing x;
+                                1 streams one row at a time, as ggml's dot products do)
     prefetch  P ∈ {0, 1, 2, 4}  software prefetch P groups of R rows ahead (0: hardware only)
     chunk     C ∈ {0, 64, 256}  0: one contiguous range of rows per thread; C: chunks of C rows dealt
                                 round-robin, so the threads stream neighbouring memory together
 
-and all 36 variants of a kernel give bit-identical results (each row is summed the same way). Which
+and all 48 variants of a kernel give bit-identical results (each row is summed the same way). Which
 one streams fastest depends on the CPU — the out-of-order window, how far its hardware prefetchers
 look, whether 512-bit ops are native or double-pumped (the setting written for an Intel Xeon
 reached ~62% of the read bandwidth on an AMD Zen 4) — so the setting is measured on the CPU, never
@@ -16,7 +17,7 @@ looked up in a table of CPU names:
   * when the kernels load, each product runs on a pool of 64 MiB of weights (bf16 [2048, 1024]
     or int8 [2048, 1024] matrices, as in the benchmark model, more than a CPU keeps in cache), the
     variants taking turns for 5 rounds, median GB/s per variant: first rows × prefetch with one
-    range per thread (12 variants), then, on more than one thread, the winner's chunked splits (2
+    range per thread (16 variants), then, on more than one thread, the winner's chunked splits (2
     more); about 1 s in all on an idle machine, and never many more rounds than fit in 2 s on a
     busy one;
   * the winner replaces the default (rows 4, prefetch 1, chunk 0: the pre-autotune kernel) only
@@ -45,7 +46,7 @@ from typing import Callable
 import torch
 
 KERNELS = ("bf16", "w8a16", "w8a8")
-ROWS, PREFETCH, CHUNK = (2, 4, 8), (0, 1, 2, 4), (0, 64, 256)
+ROWS, PREFETCH, CHUNK = (1, 2, 4, 8), (0, 1, 2, 4), (0, 64, 256)
 Setting = tuple[int, int, int]  # (rows, prefetch, chunk)
 DEFAULT: Setting = (4, 1, 0)
 VARIANTS: list[Setting] = list(itertools.product(ROWS, PREFETCH, CHUNK))

@@ -20,7 +20,8 @@
 //
 // Tuning (issue 19): the three products are compiled in every combination of three knobs, chosen per
 // kernel at run time (set_gemv_tuning; herd/inference/native/autotune.py measures them once per CPU):
-//   rows      R ∈ {2, 4, 8}: rows per inner loop = independent accumulator chains, loads of x shared;
+//   rows      R ∈ {1, 2, 4, 8}: rows per inner loop = independent accumulator chains sharing loads of
+//             x (1: one row streamed at a time, as ggml's dot products run);
 //   prefetch  P ∈ {0, 1, 2, 4}: software prefetch P row groups (P·R rows) ahead, 0 = hardware only;
 //   chunk     C ∈ {0, 64, 256}: 0 = each thread streams one contiguous range of rows; C > 0 = chunks
 //             of C rows dealt round-robin, so the threads read neighbouring memory at the same time.
@@ -58,7 +59,7 @@ Tuning g_tuning[3];  // set once at load by the autotune (set_gemv_tuning), read
 Tuning tuning_from(c10::IntArrayRef t, Kernel k) {  // [] → the kernel's current setting
   if (t.empty()) return g_tuning[k];
   TORCH_CHECK(t.size() == 3, "tuning must be [rows, prefetch, chunk]");
-  TORCH_CHECK(t[0] == 2 || t[0] == 4 || t[0] == 8, "tuning rows must be 2, 4 or 8, not ", t[0]);
+  TORCH_CHECK(t[0] == 1 || t[0] == 2 || t[0] == 4 || t[0] == 8, "tuning rows must be 1, 2, 4 or 8, not ", t[0]);
   TORCH_CHECK(t[1] == 0 || t[1] == 1 || t[1] == 2 || t[1] == 4, "tuning prefetch must be 0, 1, 2 or 4, not ", t[1]);
   TORCH_CHECK(t[2] == 0 || t[2] == 64 || t[2] == 256, "tuning chunk must be 0, 64 or 256, not ", t[2]);
   return {static_cast<int>(t[0]), static_cast<int>(t[1]), static_cast<int>(t[2])};
@@ -83,6 +84,7 @@ void with_variant(const Tuning& t, F f) {
     }
   };
   switch (t.rows) {
+    case 1: return p(std::integral_constant<int, 1>{});
     case 2: return p(std::integral_constant<int, 2>{});
     case 8: return p(std::integral_constant<int, 8>{});
     default: return p(std::integral_constant<int, 4>{});
