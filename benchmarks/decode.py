@@ -136,6 +136,13 @@ def profile_step(model, prompt: list[int], steps: int, kv=None, rows: int = 25) 
     print(f"per step: {wall / steps / 1e3:.2f} ms wall (profiler on: slower than unprofiled) = matrix products "
           f"{products / wall:.0%} + other ops {(in_ops - products) / wall:.0%} + outside ops (Python, engine, "
           f"profiler) {max(0.0, 1 - in_ops / wall):.0%}")
+    # op calls per step (nested ones included), which unlike the times above do not depend on how
+    # busy the machine is
+    n_products = sum(e.count for e in events if any(p in e.key for p in PRODUCT_OPS)) / steps
+    n_all = sum(e.count for e in events) / steps
+    print(f"op calls per step: {n_all:.0f} in all, of which {n_products:.0f} matrix products; the most frequent "
+          "others: " + ", ".join(f"{e.key} {e.count / steps:.0f}" for e in sorted(
+              (e for e in events if not any(p in e.key for p in PRODUCT_OPS)), key=lambda e: -e.count)[:8]))
 
 
 def native_line() -> str:
