@@ -15,20 +15,22 @@ reached ~62% of the read bandwidth on an AMD Zen 4) — so the setting is measur
 looked up in a table of CPU names:
 
   * when the kernels load, each product runs on a pool of 64 MiB of weights (bf16 [2048, 1024]
-    or int8 [2048, 1024] matrices, as in the benchmark model, more than a CPU keeps in cache), the
+    or int8 [2048, 1024] matrices, as in the benchmark model; more than most CPUs' caches hold), the
     variants taking turns for 5 rounds, median GB/s per variant: first rows × prefetch with one
     range per thread (16 variants), then, on more than one thread, the winner's chunked splits (2
-    more); about 1 s in all on an idle machine, and never many more rounds than fit in 2 s on a
-    busy one;
+    more); about 1–1.5 s in all on an idle machine, and never many more rounds than fit in 2 s on
+    a busy one (at least one round of every stage);
   * the winner replaces the default (rows 4, prefetch 1, chunk 0: the pre-autotune kernel) only
     when it is at least 3% faster, so noise alone does not move the setting;
   * the result is cached in autotune.json beside the compiled library, keyed by the CPU's flags
-    and gemv.cpp's hash (either changing means tuning again) and by the thread count; a file that
-    does not parse or does not match is ignored and rewritten, never an error;
+    and the hash of gemv.cpp and of this file (any of them changing means tuning again) and by the
+    thread count at load; a file that does not parse or does not match is ignored and rewritten,
+    never an error;
   * HERD_NATIVE_AUTOTUNE=0 skips all of it and runs the defaults; HERD_NATIVE_AUTOTUNE=retune
     measures again whatever the cache holds, and rewrites it.
 
-Timings on a busy machine choose badly: tune again on an idle one (HERD_NATIVE_AUTOTUNE=retune). benchmarks/gemv.py prints every variant's rate and the chosen setting.
+Timings on a busy machine choose badly: tune again on an idle one (HERD_NATIVE_AUTOTUNE=retune).
+benchmarks/gemv.py prints every variant's rate and the chosen setting.
 """
 
 from __future__ import annotations
