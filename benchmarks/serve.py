@@ -12,9 +12,11 @@ token (p50 / p99) at 1, 8, 32 and 64 concurrent streams, one run, same model, sa
     # a chat's follow-up turn (turn 1 sent 5 images): TTFT cold, with the image features cached, and
     # with turn 1's KV rows reused from the engine's prefix store (the server's default)
     python benchmarks/serve.py --turn2 [--model runs/tiny] --threads 2
-    # where the engine's decode step spends its time at batch 1, 8, 32 (torch.profiler, 1 thread:
-    # op shares stay meaningful on a busy machine; --smoke: decode.py's quick model instead of 552M)
-    python benchmarks/serve.py --profile-engine [--smoke] --batches 1 8 32
+    # the engine's decode step at batch 1, 8, 32: the batched step (herd.inference.batched) against the
+    # general forward, wall and CPU ms per step, then where the batched step spends its time
+    # (torch.profiler, 1 thread: op shares stay meaningful on a busy machine; --smoke: decode.py's
+    # quick model instead of 552M)
+    python benchmarks/serve.py --profile-engine [--smoke] --batches 1 8 32 --threads 1
 
 Both servers get identical requests through the same endpoint, POST /v1/completions with
 `stream: true`, the prompt as token ids (so no tokenizer is involved: the random model has none
@@ -209,9 +211,12 @@ PRODUCT_OPS = ("gemv", "linear_pointwise", "aten::mv", "aten::mm", "aten::addmm"
 
 
 def profile_engine(args) -> None:
-    """torch.profiler over --rounds decode steps of herd.Engine with B rows decoding (greedy, rows at
-    different positions as continuous batching leaves them), for each B of --batches: the top ops by
-    self time and the split products (weight streaming) / other ops / outside ops (Python, engine)."""
+    """For each B of --batches: herd.Engine with B rows decoding (greedy, rows at different positions
+    as continuous batching leaves them), the batched decode step (herd.inference.batched) against the
+    general forward, --repeats alternating rounds of --rounds steps each (ms per step by wall clock
+    and by the process's CPU time: on a busy machine the CPU time is the steadier of the two); then
+    torch.profiler over the batched step: the top ops by self time and the split products (weight
+    streaming) / other ops / outside ops (Python, engine)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -224,19 +229,37 @@ def profile_engine(args) -> None:
     torch.set_num_threads(args.threads)
     model = herd.build_model(model_config(args.smoke), dtype=torch.bfloat16, seed=0)
     print(f"model: decode.py's {'quick' if args.smoke else '552M / 123M-active'} config, bf16, {args.threads} thread(s)")
+    results = []
     for B in args.batches:
-        engine = herd.Engine(model, max_batch=B, capacity=args.prompt_tokens + 64 + 2 * args.rounds)
-        for i in range(B):
-            engine.add([(7919 * (i + 1) * (j + 3)) % 1000 + 10 for j in range(args.prompt_tokens)],
-                       SamplingParams(max_new_tokens=10 ** 6, stop_token_ids=[]))
-        while len(engine.active) < B:
-            engine.step()  # one prefill per step: the rows end up at B different positions
-        for _ in range(3):
-            engine.step()
-        t = time.perf_counter()
-        for _ in range(args.rounds):
-            engine.step()
-        plain = (time.perf_counter() - t) / args.rounds
+        engines = {}
+        for name in ("general", "batched"):
+            engine = herd.Engine(model, max_batch=B, batch_step=name == "batched")
+            for i in range(B):
+                engine.add([(7919 * (i + 1) * (j + 3)) % 1000 + 10 for j in range(args.prompt_tokens)],
+                           SamplingParams(max_new_tokens=10 ** 6, stop_token_ids=[]))
+            while len(engine.active) < B:
+                engine.step()  # one prefill per step: the rows end up at B different positions
+            for _ in range(3):
+                engine.step()
+            engines[name] = engine
+        times = {name: ([], []) for name in engines}
+        for _ in range(args.repeats):  # alternate, so that a change of load hits both alike
+            for name, engine in engines.items():
+                w, c = time.perf_counter(), time.process_time()
+                for _ in range(args.rounds):
+                    engine.step()
+                times[name][0].append((time.perf_counter() - w) / args.rounds)
+                times[name][1].append((time.process_time() - c) / args.rounds)
+        row = {"batch": B, "threads": args.threads}
+        for name, (wall, cpu) in times.items():
+            row[f"{name}_ms"] = 1e3 * statistics.median(wall)
+            row[f"{name}_cpu_ms"] = 1e3 * statistics.median(cpu)
+        results.append(row)
+        print(f"\n=== batch {B}: general forward {row['general_ms']:.1f} ms per step (CPU {row['general_cpu_ms']:.1f}), "
+              f"batched step {row['batched_ms']:.1f} ms (CPU {row['batched_cpu_ms']:.1f}): "
+              f"{row['general_ms'] / row['batched_ms']:.2f}× by wall, {row['general_cpu_ms'] / row['batched_cpu_ms']:.2f}× "
+              f"by CPU; {B / row['batched_ms'] * 1e3:.1f} tokens/s (medians of {args.repeats} × {args.rounds} steps)")
+        engine = engines["batched"]
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             t = time.perf_counter()
             for _ in range(args.rounds):
@@ -245,10 +268,12 @@ def profile_engine(args) -> None:
         events = prof.key_averages()
         in_ops = sum(e.self_cpu_time_total for e in events)
         products = sum(e.self_cpu_time_total for e in events if any(p in e.key for p in PRODUCT_OPS))
-        print(f"\n=== batch {B}: {1e3 * plain:.1f} ms per step unprofiled ({B / plain:.1f} tokens/s)")
         print(events.table(sort_by="self_cpu_time_total", row_limit=15))
-        print(f"batch {B}: products {products / wall:.0%} + other ops {(in_ops - products) / wall:.0%} + outside ops "
-              f"{max(0.0, 1 - in_ops / wall):.0%} of the step's wall time (profiler on)")
+        print(f"batch {B} (batched step): products {products / wall:.0%} + other ops {(in_ops - products) / wall:.0%} "
+              f"+ outside ops {max(0.0, 1 - in_ops / wall):.0%} of the step's wall time (profiler on)")
+        del engines
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
 
 
 def main() -> None:
@@ -271,6 +296,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--images", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3, help="--profile-engine: alternating rounds per step kind")
     args = ap.parse_args()
     if args.turn2:
         return turn2(args)

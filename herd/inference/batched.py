@@ -38,7 +38,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from herd.inference.fast import FastMoE, InferenceLlama4, KernelExperts
+from herd.inference.fast import FastMoE, InferenceLlama4, KernelExperts, bucket
 from herd.inference.single import rms_norm
 from herd.model.attention import temperature_scale
 from herd.model.rope import rope_angles, text_inv_freq
@@ -109,23 +109,74 @@ class BatchDecoder:
         start = cache.next_position
         positions = (start.view(B, 1) if isinstance(start, torch.Tensor)
                      else torch.full((B, 1), start, dtype=torch.long))  # [B, 1]
-        cos, sin = rope_angles(positions, self.inv_freq)  # [B, 1, D/2] float32, once per step
-        rot = torch.complex(cos, sin)  # [B, 1, D/2]: each pair (x0, x1) times cos + i·sin
-        scale = temperature_scale(positions, *self.temp).view(B, 1, 1)  # NoPE query scale, float32
-        nh, nkv, D = self.n_heads, self.n_kv, self.head_dim
-        h = self.embed[ids[:, 0]]  # [B, H]
         cache.begin(positions)
-        for i, L in enumerate(self.layers):
-            q, k, v = self._attention_in(h, L, rot, scale)  # [B, h, D], [B, kv, D], [B, kv, D]
-            out = cache.attend(i, q[:, :, None], k[:, :, None], v[:, :, None], positions,
-                               chunk=L["chunk"])  # [B, h, 1, D]
-            o, o_b = L["o"]
-            h = h + o(out.view(B, nh * D), o_b)
-            x = rms_norm(h, *L["post_ln"])  # [B, H]
-            h = h + (self._dense(x, L) if L["moe"] is None else self._moe(x, L))
+        h = self._layers(self.embed[ids[:, 0]], positions.view(B), [(0, B, None)], cache)  # [B, H]
         cache.end()
         head, head_b = self.lm_head
         return head(rms_norm(h, self.norm_w, self.eps), head_b)  # [B, vocab]
+
+    @torch.no_grad()
+    def step(self, cache, decode: list[int], segments: list[tuple[int, list[int], torch.Tensor | None]],
+             image_token: int | None = None) -> torch.Tensor:
+        """One forward for the next token of decode rows 0 … n-1 (decode: their tokens) and for prompt
+        segments in other rows (row, token ids, image features of the segment's image tokens or None)
+        → logits [n + len(segments), vocab]: each decode row's, then each segment's last position's.
+
+        Every product reads its weight once for all of it (continuous batching with chunked prefill,
+        as vLLM and llama-server batch prompt tokens with decode tokens); attention runs per group —
+        the decode rows together, each segment over its own row's cache.
+        """
+        n = len(decode)
+        lens = cache.lengths
+        tokens, positions, groups, plans = list(decode), [lens[r] for r in range(n)], [], []
+        if n:
+            plans.append(cache.plan(torch.tensor(positions).view(n, 1), 0, n))
+            groups.append((0, n, plans[-1]))
+        feats = []
+        for row, ids, f in segments:
+            a, s0 = len(tokens), lens[row]
+            tokens += ids
+            positions += range(s0, s0 + len(ids))
+            plans.append(cache.plan(torch.arange(s0, s0 + len(ids)), row, 1))
+            groups.append((a, len(tokens), plans[-1]))
+            if f is not None:
+                feats.append(f)
+        ids_t = torch.tensor(tokens, device=self.embed.device)
+        h = self.embed[ids_t]  # [N, H]
+        if feats:  # image features replace the <|patch|> embeddings, in order (herd.model.llama4.Llama4.embed)
+            h[ids_t == image_token] = torch.cat(feats).to(h.dtype)
+        h = self._layers(h, torch.tensor(positions), groups, cache)
+        for p in plans:
+            cache.end(p)
+        last = list(range(n)) + [b - 1 for _, b, _ in groups[1 if n else 0:]]
+        head, head_b = self.lm_head
+        return head(rms_norm(h[last], self.norm_w, self.eps), head_b)  # [n + len(segments), vocab]
+
+    def _layers(self, h, positions, groups, cache):
+        """The decoder layers on h [N, H] at positions [N]; groups: (first, end, cache plan or None for
+        begin's) — a group of one-token rows (decode) when its plan has T == 1, else one row's prompt
+        segment → h [N, H] before the final norm."""
+        N = h.shape[0]
+        cos, sin = rope_angles(positions, self.inv_freq)  # [N, D/2] float32, once per step
+        rot = torch.complex(cos, sin)[:, None]  # [N, 1, D/2]: each pair (x0, x1) times cos + i·sin
+        scale = temperature_scale(positions, *self.temp).view(N, 1, 1)  # NoPE query scale, float32
+        nh, D = self.n_heads, self.head_dim
+        for i, L in enumerate(self.layers):
+            q, k, v = self._attention_in(h, L, rot, scale)  # [N, h, D], [N, kv, D], [N, kv, D]
+            outs = []
+            for a, b, plan in groups:
+                if plan is None or plan["T"] == 1:  # rows a … b-1, one token each → [rows, h, 1, D]
+                    o = cache.attend(i, q[a:b, :, None], k[a:b, :, None], v[a:b, :, None], None, L["chunk"], plan)
+                    outs.append(o.view(b - a, nh * D))
+                else:  # one row's b - a tokens → [1, heads, T, D]
+                    qs, ks, vs = (t[a:b].transpose(0, 1)[None] for t in (q, k, v))
+                    o = cache.attend(i, qs, ks, vs, None, L["chunk"], plan)
+                    outs.append(o[0].transpose(0, 1).reshape(b - a, nh * D))
+            o, o_b = L["o"]
+            h = h + o(outs[0] if len(outs) == 1 else torch.cat(outs), o_b)
+            x = rms_norm(h, *L["post_ln"])  # [N, H]
+            h = h + (self._dense(x, L) if L["moe"] is None else self._moe(x, L))
+        return h
 
     def _attention_in(self, h, L, rot, scale):
         """h [B, H] → q [B, h, D], k [B, kv, D], v [B, kv, D] as herd.model.attention.Attention.project
@@ -171,9 +222,19 @@ class BatchDecoder:
         (gu, gu_b), (dn, dn_b) = L["gate_up"], L["down"]
         parts = [gu(x, gu_b)]  # the shared expert's gate|up [B, 2I], then each used expert's [n_e, 2I]
         rows = xs.split([counts[e] for e in used])
-        parts += [M["gate_up"][e](r) for e, r in zip(used, rows)]
+        parts += [_product(M["gate_up"][e], r) for e, r in zip(used, rows)]
         act = _silu_mul(torch.cat(parts), L["inner"])  # [B + B·k, I], once for the layer
         acts = act.split([B] + [counts[e] for e in used])
         out = dn(acts[0], dn_b)  # the shared expert [B, H]
-        ys = torch.cat([M["down"][e](a) for e, a in zip(used, acts[1:])])  # [B·k, H]
+        ys = torch.cat([_product(M["down"][e], a) for e, a in zip(used, acts[1:])])  # [B·k, H]
         return out.index_add_(0, token_of, ys.to(out.dtype))
+
+
+def _product(kernel, x: torch.Tensor) -> torch.Tensor:
+    """An expert's product on its rows x [m, in] → [m, out]. Up to 4 rows (decode: 32 rows over 16
+    experts give 1–4 each) as they are; more (prompt tokens) padded to herd.inference.fast.bucket's
+    few row counts, as KernelExperts does, so oneDNN builds a bounded set of kernels."""
+    m = x.shape[0]
+    if m <= 4:
+        return kernel(x)
+    return kernel(F.pad(x, (0, 0, 0, bucket(m) - m)))[:m]

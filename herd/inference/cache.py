@@ -198,7 +198,14 @@ class KVCache:
     # ----- the model-side protocol -------------------------------------------------------------
     def begin(self, positions: torch.Tensor) -> None:
         """Plan one forward over the selected rows at `positions` ([T] shared, or [rows, T])."""
-        r0, B = self._row0, self._rows
+        self._plan = self.plan(positions, self._row0, self._rows)
+
+    def plan(self, positions: torch.Tensor, row0: int, rows: int) -> dict:
+        """The plan of `begin` for rows row0 … row0+rows-1, returned instead of kept: a step that runs
+        several groups of rows through one forward (herd.inference.batched: decode rows and prompt
+        segments) plans each group, passes its plan to `attend`, and hands it to `end` afterwards.
+        Plans of disjoint rows made before the forward stay valid through it."""
+        r0, B = row0, rows
         lens = self.lengths[r0:r0 + B]
         T = positions.shape[-1]
         if positions.dim() == 2 and positions.shape[0] != B:
@@ -219,7 +226,7 @@ class KVCache:
                 plan["row_idx"] = torch.arange(r0, r0 + B, device=self.device)
             for c in set(self.chunks):
                 plan[c] = self._decode_plan(lens if c is None else [n % c for n in lens], same)
-        self._plan = plan
+        return plan
 
     def _decode_plan(self, idx: list[int], same: bool) -> tuple:
         """(write index per row, keys to attend, mask or None, the shared index) for one layer kind."""
@@ -234,17 +241,20 @@ class KVCache:
             mask = mask[:, None, None, :]  # [B, 1, 1, hi]
         return t, hi, mask, idx[0]
 
-    def end(self) -> None:
-        T = self._plan["T"]
-        for r in range(self._row0, self._row0 + self._rows):
-            self.lengths[r] += T
-        self._plan = None
+    def end(self, plan: dict | None = None) -> None:
+        """Advance the rows of `plan` (default: begin's) past the tokens the forward stored."""
+        p = self._plan if plan is None else plan
+        rows = p["rows"]
+        for r in range(rows.start, rows.stop):
+            self.lengths[r] += p["T"]
+        if plan is None:
+            self._plan = None
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-               chunk: int | None = None) -> torch.Tensor:
+               chunk: int | None = None, plan: dict | None = None) -> torch.Tensor:
         """q [B, h, T, D], k/v [B, kv, T, D] (rotated, normed, scaled) → attention output [B, h, T, D]
-        over the cached positions and the new ones; stores k/v."""
-        p = self._plan
+        over the cached positions and the new ones; stores k/v. plan: one from `plan` (default: begin's)."""
+        p = self._plan if plan is None else plan
         if p["T"] == 1:
             return self._decode(layer, q, k, v, p, chunk)
         if chunk is None:

@@ -267,6 +267,10 @@ class Engine:
         with torch.inference_mode():
             if cancel:
                 self._cancel_now(cancel, events)
+            if self.batch_decoder is not None:
+                self._mixed_step(events)
+                self.steps += 1
+                return events
             budget = self.prefill_chunk
             while True:  # prefill segments until the step's token budget is spent
                 if self.prefilling is None and self.waiting and len(self.active) < self.max_batch:
@@ -297,8 +301,8 @@ class Engine:
                 events.append(Event(self.active[r].id, None, finish_reason="cancelled"))
                 self._remove(r)
 
-    def _start_prefill(self, seq: Sequence) -> None:
-        row = len(self.active)
+    def _start_prefill(self, seq: Sequence, row: int | None = None) -> None:
+        row = len(self.active) if row is None else row
         self.cache.reset(row)
         if seq.features is None and seq.pixel_values is not None:
             seq.features = self.model.encode_images(seq.pixel_values)  # once per prompt
@@ -336,6 +340,74 @@ class Engine:
         else:
             self._retain(seq, row)
         return n
+
+    def _mixed_step(self, events: list[Event]) -> None:
+        """One forward (herd.inference.batched.BatchDecoder.step) for the next token of every running
+        row and for up to `prefill_chunk` prompt tokens of waiting sequences, in the rows after them:
+        the weights are read once for both. A prompt that completes samples its first token and
+        decodes from the next step on. One running row and no prompt: the batch-1 step."""
+        n, row, budget = len(self.active), len(self.active), self.prefill_chunk
+        segs = []  # (sequence, row, its prompt tokens run now, image features used)
+        seq = self.prefilling
+        while True:  # prompt segments, one row each, until the step's token budget is spent
+            if seq is None:
+                if not self.waiting or row >= self.max_batch:
+                    break
+                seq = self.waiting.popleft()
+                self._start_prefill(seq, row)
+            m = len(seq.prompt) - seq.prefilled
+            m = m if budget is None else min(m, budget)
+            ids = seq.prompt[seq.prefilled:seq.prefilled + m]
+            feats, used = None, 0
+            if seq.features is not None and self.image_token is not None:
+                used = ids.count(self.image_token)
+                feats = seq.features[seq.image_offset:seq.image_offset + used] if used else None
+            segs.append((seq, row, ids, feats, used))
+            if budget is not None:
+                budget -= m
+            if seq.prefilled + m < len(seq.prompt) or budget is None or budget <= 0:
+                break
+            seq, row = None, row + 1
+        self.prefilling = None
+        if not n and not segs:
+            return
+        if n == 1 and not segs and self.decoder is not None:  # one row alone: the batch-1 step
+            logits = self.decoder(torch.tensor([[self.active[0].last]]), self.cache.select(0, 1))
+        else:
+            logits = self.batch_decoder.step(self.cache, [s.last for s in self.active],
+                                             [(r, ids, f) for _, r, ids, f, _ in segs], self.image_token)
+        want = list(range(n))  # logits rows to sample: every decode row and each prompt now complete
+        for j, (seq, _, ids, _, used) in enumerate(segs):
+            seq.prefilled += len(ids)
+            seq.image_offset += used
+            if seq.prefilled == len(seq.prompt) and seq.params.max_new_tokens > 0:
+                want.append(n + j)
+        seqs = self.active + [segs[j - n][0] for j in want[n:]]
+        out = sample(logits if len(want) == logits.shape[0] else logits[want], [s.state for s in seqs])
+        k = n
+        for seq, r, _, _, _ in segs:  # completed prompts join the running rows (kept contiguous)
+            if seq.prefilled < len(seq.prompt):  # the step's last segment, still prefilling
+                self.cache.copy_row(r, len(self.active))
+                self.prefilling = seq
+                continue
+            seq.features = None
+            if seq.params.max_new_tokens == 0:
+                events.append(Event(seq.id, None, finish_reason="length", cached_tokens=seq.reused))
+                self._retain(seq, r)
+                continue
+            reason = self._accept(seq, out.tokens[k], out.logprobs[k], out.top_logprobs[k], events)
+            k += 1
+            if reason is None:
+                self.cache.copy_row(r, len(self.active))
+                self.active.append(seq)
+            else:
+                self._retain(seq, r)
+        done = [r for r in range(n)
+                if self._accept(self.active[r], out.tokens[r], out.logprobs[r], out.top_logprobs[r], events) is not None]
+        for r in done:
+            self._retain(self.active[r], r)
+        for r in reversed(done):
+            self._remove(r)
 
     def _decode_step(self, events: list[Event]) -> None:
         n = len(self.active)
