@@ -7,7 +7,7 @@ experiments/rl layout: plain classes tested in one process, Ray in one launcher)
 
     driver (herd rl)          starts or joins Ray, creates the actors, draws the progress bar
       ├─ RayLearner           the shared loop: optimizer, checkpoints, metrics.jsonl, run directory
-      │    per update:  ref = ray.put(state_dict)                 # one copy in the object store
+      │    per update:  ref = ray.put(to_wire(state_dict))        # numpy: one memcpy into the store
       │                 worker.set_weights.remote(ref, version)   # its own thread: pending, switched
       │                                                           # to when the next request starts
       │                 worker.rollout.remote(index, ids, G, pixel_values, min_version)
@@ -68,7 +68,7 @@ def _worker_class():
 
         @ray.method(concurrency_group="weights")
         def set_weights(self, state_dict, version: int) -> int:
-            return self.worker.offer_weights(state_dict, version)
+            return self.worker.offer_weights(from_wire(state_dict), version)
 
         def rollout(self, prompt_index: int, prompt_ids: list[int], n: int, pixel_values=None,
                     min_version: int = 0) -> Rollout:
@@ -108,6 +108,27 @@ def _learner_class():
     return RayLearner
 
 
+def to_wire(state_dict: dict) -> dict:
+    """Weights as numpy arrays for the object store: Ray writes an array into shared memory with one
+    memcpy and a worker reads it back without a copy (a torch tensor is pickled through its storage:
+    measured here 0.24–0.30 s of CPU to put the 75 MB tiny model and ~0.3 s to read it back, against
+    0.04–0.07 s and 0.01 s as arrays). bf16 has no numpy dtype and travels as a tensor."""
+    return {k: v.detach().cpu() if v.dtype == torch.bfloat16 else v.detach().cpu().numpy()
+            for k, v in state_dict.items()}
+
+
+def from_wire(state_dict: dict) -> dict:
+    """The worker's side: tensors over the object store's read-only arrays (no copy; load_state_dict
+    copies them into the model and never writes to them)."""
+    import warnings
+
+    import numpy as np
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "the given NumPy array is not writable"
+        return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in state_dict.items()}
+
+
 class RayRollouts:
     """The learner's rollout backend over Ray actors (same interface as actor.LocalRollouts)."""
 
@@ -120,7 +141,7 @@ class RayRollouts:
     def publish(self, state_dict: dict, version: int) -> None:
         import ray
 
-        ref = ray.put({k: v.detach().cpu() for k, v in state_dict.items()})  # put serialises: a copy already
+        ref = ray.put(to_wire(state_dict))
         self.latest = (ref, version)
         for w in self.workers:
             w.set_weights.remote(ref, version)

@@ -13,7 +13,8 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from herd.train.rl.launch import cpu_share, make_learner, make_workers, run_learner  # noqa: E402
+from herd.train.rl.launch import (  # noqa: E402
+    cpu_share, from_wire, make_learner, make_workers, run_learner, to_wire)
 from tests.train.rl.conftest import tiny_cfg  # noqa: E402
 
 
@@ -68,3 +69,15 @@ def test_an_error_in_the_learner_actor_reaches_the_caller_as_itself(rl_model, tm
         run_learner(cfg, learner, workers, poll_s=0.05)
     for actor in (learner, *workers):
         ray.kill(actor, no_restart=True)
+
+
+def test_weights_cross_the_object_store_bit_exact(ray_local):
+    """Published weights travel as numpy arrays (one memcpy in, zero-copy out) and arrive bit-identical,
+    bf16 included (it has no numpy dtype and travels as a tensor)."""
+    import torch
+
+    sd = {"w": torch.randn(64, 32), "b": torch.randn(32).to(torch.bfloat16), "i": torch.arange(5)}
+    back = from_wire(ray.get(ray.put(to_wire(sd))))
+    assert set(back) == set(sd)
+    for k, v in sd.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
