@@ -118,7 +118,8 @@ def variants(args, bw: float, g: torch.Generator) -> None:
     """The setting in use and every variant's rate, per kernel, the variants taking turns."""
     t = native.tuning()
     print(f"tuning in use ({t['source']}, {t['threads']} threads"
-          + (f", measured in {t['seconds']} s" if "seconds" in t else "") + "): "
+          + (f", measured in {t['seconds']} s" if "seconds" in t else "")
+          + (", not every variant measured: the machine was busy" if t.get("complete") is False else "") + "): "
           + "; ".join(f"{k} {autotune.name(tuple(v))}" for k, v in t["settings"].items()))
     if t["threads"] != args.threads:
         print(f"(tuned for {t['threads']} threads, benchmarked on {args.threads})")

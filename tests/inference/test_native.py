@@ -161,13 +161,24 @@ def test_autotune_measures_every_kernel_and_picks_a_compiled_variant():
     try:
         for threads, n in [(2, 18), (1, 16)]:  # one thread: the thread splits are not measured
             torch.set_num_threads(threads)
-            got = autotune.tune(kernels, pool_bytes=2 << 20, repeat=2)
+            got = autotune.tune(kernels, pool_bytes=2 << 20, repeat=2, budget_s=60)
+            assert got["complete"]
             for k in kernels:
                 assert tuple(got["settings"][k]) in autotune.VARIANTS
                 assert len(got["gbps"][k]) == n and all(v > 0 for v in got["gbps"][k].values())
                 assert autotune.name(autotune.DEFAULT) in got["gbps"][k]
     finally:
         torch.set_num_threads(before)
+
+
+@needs_native
+def test_autotune_on_a_machine_too_busy_for_its_budget_keeps_the_default():
+    """Past 3 × the budget no new variant is measured: here (budget 0) only the default, first."""
+    got = autotune.tune(("w8a16", "w8a8"), pool_bytes=1 << 20, repeat=3, budget_s=0)
+    assert got["complete"] is False
+    for k in ("w8a16", "w8a8"):
+        assert got["settings"][k] == list(autotune.DEFAULT)
+        assert list(got["gbps"][k]) == [autotune.name(autotune.DEFAULT)]
 
 
 def test_autotune_cache_is_written_reused_and_invalidated(tmp_path):

@@ -18,8 +18,8 @@ looked up in a table of CPU names:
     or int8 [2048, 1024] matrices, as in the benchmark model; more than most CPUs' caches hold), the
     variants taking turns for 5 rounds, median GB/s per variant: first rows × prefetch with one
     range per thread (16 variants), then, on more than one thread, the winner's chunked splits (2
-    more); about 1–1.5 s in all on an idle machine, and never many more rounds than fit in 2 s on
-    a busy one (at least one round of every stage);
+    more); about 1–1.5 s in all on an idle machine; a busy one cuts the rounds short past 2 s and
+    stops measuring new variants past 6 s (the entry then says "complete": false);
   * the winner replaces the default (rows 4, prefetch 1, chunk 0: the pre-autotune kernel) only
     when it is at least 3% faster, so noise alone does not move the setting;
   * the result is cached in autotune.json beside the compiled library, keyed by the CPU's flags
@@ -84,9 +84,10 @@ def _pool(kernel: str, pool_bytes: int):
 
 
 def measure(kernel: str, settings: list[Setting], pool_bytes: int = POOL_BYTES, repeat: int = 5,
-            deadline: float = float("inf")) -> dict[Setting, float]:
+            deadline: float = float("inf"), stop: float = float("inf")) -> dict[Setting, float]:
     """Median GB/s of each setting of one kernel over the pool, the settings taking turns for
-    `repeat` rounds, or fewer (at least one) once time.perf_counter() passes `deadline`."""
+    `repeat` rounds, or fewer (at least one) once time.perf_counter() passes `deadline`; past
+    `stop` the settings not yet measured at all are left out (the first one always runs)."""
     fn, mats, nbytes = _pool(kernel, pool_bytes)
     times: dict[Setting, list[float]] = {st: [] for st in settings}
     for st in settings:  # warm-up: pages touched, code paged in
@@ -94,32 +95,41 @@ def measure(kernel: str, settings: list[Setting], pool_bytes: int = POOL_BYTES, 
     for i in range(repeat):
         if i > 0 and time.perf_counter() > deadline:
             break
-        for st in settings:
+        for j, st in enumerate(settings):
+            if i == 0 and j > 0 and time.perf_counter() > stop:
+                break
             t = time.perf_counter()
             for args in mats:
                 fn(*args, list(st))
             times[st].append(time.perf_counter() - t)
-    return {st: nbytes / statistics.median(ts) / 1e9 for st, ts in times.items()}
+    return {st: nbytes / statistics.median(ts) / 1e9 for st, ts in times.items() if ts}
 
 
 def tune(kernels: tuple[str, ...] = KERNELS, pool_bytes: int = POOL_BYTES, repeat: int = 5,
          budget_s: float = 2.0) -> dict:
     """Measure and choose each kernel's setting → {"settings": {kernel: [r, p, c]}, "gbps": {kernel:
-    {variant name: GB/s}}, "seconds": wall time}. An idle machine finishes in about half of
-    budget_s; a busy one stops each stage's rounds early (at least one round) when it runs over."""
+    {variant name: GB/s}}, "seconds": wall time, "complete": every variant measured}. An idle
+    machine finishes in about 1–1.5 s; a busy one cuts each stage's rounds short (at least one) past
+    budget_s, and past 3 × budget_s stops measuring new variants (the default is measured first)."""
     t0 = time.perf_counter()
-    settings, rates = {}, {}
+    stop = t0 + 3 * budget_s
+    settings, rates, complete = {}, {}, True
+    stage1 = [DEFAULT] + [(r, p, 0) for r in ROWS for p in PREFETCH if (r, p, 0) != DEFAULT]
     for k in kernels:
         start, share = time.perf_counter(), budget_s / len(kernels)
-        got = measure(k, [(r, p, 0) for r in ROWS for p in PREFETCH], pool_bytes, repeat, start + 0.7 * share)
+        got = measure(k, stage1, pool_bytes, repeat, start + 0.7 * share, stop)
+        complete &= len(got) == len(stage1)
         best = max(got, key=got.get)
         if torch.get_num_threads() > 1:  # with one thread every split is the same loop
-            got.update(measure(k, [(best[0], best[1], c) for c in CHUNK[1:]] + [best], pool_bytes, repeat,
-                               start + share))
+            split = [best] + [(best[0], best[1], c) for c in CHUNK[1:]]
+            if time.perf_counter() < stop:
+                got.update(measure(k, split, pool_bytes, repeat, start + share, stop))
+            complete &= all(st in got for st in split)
         best = max(got, key=got.get)
         settings[k] = list(best if got[best] > got[DEFAULT] * (1 + MARGIN) else DEFAULT)
         rates[k] = {name(st): round(v, 2) for st, v in got.items()}
-    return {"settings": settings, "gbps": rates, "seconds": round(time.perf_counter() - t0, 2)}
+    return {"settings": settings, "gbps": rates, "seconds": round(time.perf_counter() - t0, 2),
+            "complete": complete}
 
 
 def _read(path: Path, key: str, threads: int, kernels: tuple[str, ...]) -> dict | None:
