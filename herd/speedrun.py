@@ -54,7 +54,7 @@ QUICK = dict(base=["--max-steps", "4", "--batch-size", "2", "--seq-len", "64", "
                    "--eval-every", "2", "--eval-batches", "1"],
              mid=["--max-steps", "2", "--curriculum", "512:1", "--batch-tokens", "512", "--max-docs", "10",
                   "--eval-every", "2", "--eval-batches", "1"],
-             sft_data=["--per-task", "6", "--tasks", "chain_sum,letter_counting,calculator"],
+             sft_data=["--per-task", "6", "--tasks", "chain_sum,letter_counting,calculator,ask_repo,summarize"],
              sft=["--max-steps", "2", "--batch-size", "2", "--seq-len", "512", "--prune", "0.5", "--prune-k", "1",
                   "--prune-max-new", "4", "--eval-every", "2", "--eval-batches", "1"],
              rl=["--max-steps", "1", "--workers", "0", "--group-size", "2", "--prompts-per-step", "2",
