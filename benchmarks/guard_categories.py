@@ -1,6 +1,8 @@
 """Why does the tiny Llama Guard not name the category? Probes of a trained guard's verdict position.
 
     python benchmarks/guard_categories.py runs/tiny-guard [runs/tiny-guard-v2 ...] [--out benchmarks/results/guard_categories.json]
+    python benchmarks/guard_categories.py --table runs/tiny-guard ...   # per S-code table from guard_eval.json
+    python benchmarks/guard_categories.py --head-sim DIR                # can a head alone learn to read DIR's states?
 
 The guard answers `unsafe\\nS<k>`; the code token S<k> is predicted from the hidden state at the
 position of `S` (teacher-forced: prompt + `unsafe\\nS`). For each model directory this script
@@ -119,11 +121,73 @@ def diagnose(model_dir: str, data: dict) -> dict:
     }
 
 
+def head_by_gradient(model_dir: str, data: dict, steps: int = 2000, lrs=(1e-2, 3e-2, 1e-1)) -> list[dict]:
+    """Can gradient descent read the category off the frozen verdict-position states? The 14 code
+    rows of the model's LM head, trained alone by full-batch AdamW (betas 0.9/0.95, weight decay
+    0.1) on the training prompts' states, raw (as the head sees them) or centred (the mean state
+    subtracted), scored on the test prompts at 300 and `steps` steps. The probe above fits the same
+    states standardised and to convergence; the gap is the conditioning the fine-tune has to beat."""
+    import torch
+    from safetensors.torch import load_file
+
+    from herd.safety.verdict import CATEGORY_NAMES
+    from herd.tokenizer import load_tokenizer
+
+    codes = list(CATEGORY_NAMES)
+    tr = [e for e in data["train"] if e["kind"] == "prompt" and e["code"] is not None]
+    te = [e for e in data["test"] if e["kind"] == "prompt" and e["code"] is not None]
+    xtr, xte = (torch.tensor(features(model_dir, es)["hidden"]) for es in (tr, te))  # [N, H]
+    ytr, yte = (torch.tensor([codes.index(e["code"]) for e in es]) for es in (tr, te))
+    tok = load_tokenizer(model_dir)
+    head = tok.encode("unsafe\nS")
+    ids = [tok.encode("unsafe\n" + c)[len(head)] for c in codes]
+    w0 = load_file(str(Path(model_dir) / "model.safetensors"))["lm_head.weight"].float()[ids]  # [14, H]
+    print(f"{model_dir}: |mean state| {xtr.mean(0).norm():.2f}, mean |state - mean| "
+          f"{(xtr - xtr.mean(0)).norm(dim=1).mean():.2f}")
+    out = []
+    mu = xtr.mean(0)
+    for name, a, b in (("raw", xtr, xte), ("centred", xtr - mu, xte - mu)):
+        for lr in lrs:
+            w = w0.clone().requires_grad_(True)
+            opt = torch.optim.AdamW([w], lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+            acc = {}
+            for step in range(1, steps + 1):
+                loss = torch.nn.functional.cross_entropy(a @ w.t(), ytr)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                if step in (300, steps):
+                    with torch.no_grad():
+                        acc[step] = float(((b @ w.t()).argmax(1) == yte).float().mean())
+            out.append({"features": name, "lr": lr, "test_accuracy": acc})
+            print(json.dumps(out[-1]))
+    return out
+
+
+def tables(model_dirs: list[str], data: dict, bow: dict) -> dict:
+    """Per S-code tables from each run's guard_eval.json (the verdicts it generated on the held-out
+    prompts), scored against the current labels (herd.data.safety_data, hand labels included)."""
+    from herd.safety.metrics import binary_report, per_class_report
+    from herd.safety.train_llama_guard import category_table
+
+    truth = {e["id"]: e["code"] for e in data["test"] if e["kind"] == "prompt"}
+    out = {}
+    for m in model_dirs:
+        rows = [r for r in json.loads((Path(m) / "guard_eval.json").read_text())["rows"] if r["kind"] == "prompt"]
+        y = [truth[r["id"]] for r in rows]
+        per = per_class_report([r["codes"] for r in rows], y, sorted({c for c in y if c}, key=lambda c: int(c[1:])))
+        verdict = binary_report([r["decision"] == "block" for r in rows], [c is not None for c in y])
+        out[m] = {"per_code": per, "verdict": verdict, "table": category_table(per, bow, verdict["f1"])}
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", nargs="+", help="tiny-guard run directories")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--limit", type=int, default=None, help="first N unsafe prompts per split (smoke run)")
+    ap.add_argument("--head-sim", action="store_true", help="only head_by_gradient on each model")
+    ap.add_argument("--table", action="store_true", help="only the per-code tables from each run's guard_eval.json")
     args = ap.parse_args(argv)
     from benchmarks.common import setup_threads
     from herd.safety import train_llama_guard as t
@@ -134,6 +198,14 @@ def main(argv=None) -> int:
         data = {k: [e for e in v if e["kind"] == "prompt" and e["code"]][:args.limit] for k, v in data.items()}
     results = {"bag_of_words": t.bag_of_words_categories(data), "models": []}
     print(f"bag of words: {results['bag_of_words']['accuracy']:.3f}")
+    if args.head_sim:
+        results["head_by_gradient"] = {m: head_by_gradient(m, data) for m in args.models}
+        args.models = []
+    if args.table:
+        results["tables"] = tables(args.models, data, results["bag_of_words"])
+        for m, t in results["tables"].items():
+            print(f"\n{m}\n{t['table']}")
+        args.models = []
     for m in args.models:
         r = diagnose(m, data)
         results["models"].append(r)

@@ -96,6 +96,7 @@ def _cmd_train_llama(args) -> int:
     cfg = GuardTrainConfig(out=args.out, max_steps=args.max_steps, resume=args.resume, seed=args.seed,
                            eval_limit=args.eval_limit, balance_power=args.balance_power, code_weight=args.code_weight,
                            init=args.init, from_base=args.from_base, global_attention=not args.keep_chunks,
+                           head_only_steps=args.head_only_steps,
                            lr=args.lr if args.lr is not None else 1e-3 if args.from_base else GuardTrainConfig.lr)
     summary = train(cfg)
     print(summary["eval"]["table"])
@@ -156,6 +157,8 @@ def add_guard_subcommand(subparsers) -> None:
     q.add_argument("--from-base", help="fine-tune a pre-trained herd model directory pruned to its shared experts "
                    "(as Llama Guard 4 was pruned from Scout; its tokenizer becomes the guard's)")
     q.add_argument("--lr", type=float, help="peak learning rate (default 3e-3 from scratch, 1e-3 with --from-base)")
+    q.add_argument("--head-only-steps", type=int, default=0, help="train only the LM head for the first N steps "
+                   "(linear probing, then fine-tuning: LP-FT)")
     q.add_argument("--keep-chunks", action="store_true", help="--from-base: keep the base's chunked attention "
                    "(default: every layer attends over the whole prompt, as Llama Guard 4)")
     q.set_defaults(func=_cmd_train_llama)

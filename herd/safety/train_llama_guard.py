@@ -100,6 +100,8 @@ class GuardTrainConfig(LoopConfig):
                                                      "and tokenizer (a fresh schedule and optimizer)"})
     from_base: str | None = field(default=None, metadata={"help": "start from this pre-trained herd model "
                                                           "directory, pruned to its shared experts (its tokenizer)"})
+    head_only_steps: int = field(default=0, metadata={"help": "train only the LM head for the first N steps, the "
+                                                      "rest frozen, then everything (LP-FT, Kumar et al. 2022)"})
     global_attention: bool = field(default=True, metadata={"help": "--from-base: attend over the whole prompt on "
                                                           "every layer (Llama Guard 4's attention_chunk_size null) "
                                                           "instead of the base's chunks"})
@@ -297,9 +299,11 @@ def train(cfg: GuardTrainConfig) -> dict:
     from herd.tokenizer import load_tokenizer
     from herd.tokenizer_train import train_tokenizer
     from herd.train import distributed
-    from herd.train.loop import build_optimizer, run, validation_loss
+    from herd.train.loop import Phase, build_optimizer, run, validation_loss
 
     cfg.validate()
+    if not 0 <= cfg.head_only_steps < cfg.max_steps:
+        raise ValueError(f"--head-only-steps must be in [0, --max-steps={cfg.max_steps}), got {cfg.head_only_steps}")
     if cfg.init and cfg.from_base:
         raise ValueError("--init and --from-base both name the starting weights: give one")
     out = Path(cfg.out)
@@ -335,7 +339,13 @@ def train(cfg: GuardTrainConfig) -> dict:
     model, optimizer = build_optimizer(model, cfg, env, verbose=False)
     counts = {k: {"examples": len(v), "unsafe": sum(e["code"] is not None for e in v)} for k, v in data.items()}
     counts["train_sampled"] = {"examples": len(sampled), "unsafe": sum(e["code"] is not None for e in sampled)}
-    summary = run(cfg, model, optimizer, objective, source, env, tokenizer=tok,
+    phases = []
+    if cfg.head_only_steps:  # linear probing first: the body stays as it was, the head learns to read it
+        frozen = [p for n, p in model.named_parameters() if not n.endswith("lm_head.weight")]
+        if len(frozen) == len(list(model.parameters())):
+            raise ValueError("--head-only-steps needs an LM head of its own (this model ties it to the embeddings)")
+        phases = [Phase("head-only", source, 0, cfg.head_only_steps, frozen)]
+    summary = run(cfg, model, optimizer, objective, source, env, tokenizer=tok, phases=phases,
                   evals=[validation_loss(objective, val, env, cfg)], name="guard",
                   summary={"data": counts, "prompt_tokens_mean": sum(s for _, s in train_enc) / len(train_enc)})
     distributed.teardown(env)

@@ -81,6 +81,28 @@ def test_global_attention_keeps_the_first_chunk_and_lets_the_verdict_see_past_it
         assert (wide(y)[0, -1] - wide(x)[0, -1]).abs().max() > 1e-4
 
 
+def test_head_only_steps_train_the_head_and_leave_the_body_as_the_base(tmp_path, moe_base, toy_guard_examples):
+    from herd.model.weights import load_model as load
+
+    cfg = tlg.GuardTrainConfig(out=str(tmp_path / "g"), max_steps=3, head_only_steps=2, batch_size=4, warmup=1,
+                               eval_every=3, ckpt_every=1, log_every=1, progress=False, bf16=False, lr=1e-2,
+                               from_base=str(moe_base), eval_limit=1)
+    tlg.train(cfg)
+    start = tlg.pruned_base(moe_base)
+    at2 = load(tmp_path / "g" / "checkpoints" / "step_000002", dtype=torch.float32)
+    final = load(tmp_path / "g", dtype=torch.float32)
+    s0, s2, s3 = start.state_dict(), at2.state_dict(), final.state_dict()
+    head = "language_model.lm_head.weight"
+    assert not torch.equal(s2[head], s0[head])  # the head learned in the head-only steps
+    for k in s0:
+        if k != head:
+            torch.testing.assert_close(s2[k], s0[k], rtol=0, atol=0)  # the body did not move
+    assert any(not torch.equal(s3[k], s0[k]) for k in s0 if k != head)  # step 3 trains everything
+    with pytest.raises(ValueError, match="--head-only-steps"):
+        tlg.train(tlg.GuardTrainConfig(out=str(tmp_path / "h"), max_steps=3, head_only_steps=3,
+                                       from_base=str(moe_base)))
+
+
 def test_from_base_bad_input_is_one_clear_error(tmp_path, moe_base):
     with pytest.raises(ValueError, match="--init and --from-base"):
         tlg.train(tlg.GuardTrainConfig(out=str(tmp_path / "g"), init=str(moe_base), from_base=str(moe_base)))
