@@ -1,9 +1,11 @@
-"""Shared test fixtures: small random configs and the transformers oracle."""
+"""Shared test fixtures: small random configs, a random model directory with its own trained
+tokenizer (`random_model_dir`), and the transformers oracle."""
 
 from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,6 +44,34 @@ def model_config(vision: bool = True, text: dict | None = None, **vis) -> ModelC
         return ModelConfig(text=tc, vision=None, tie_word_embeddings=tc.tie_word_embeddings)
     return ModelConfig(text=tc, vision=vision_config(**vis), image_token_index=tc.vocab_size - 36,
                        boi_token_index=tc.vocab_size - 48, eoi_token_index=tc.vocab_size - 47)
+
+
+def random_model_dir(d, texts, vocab_size: int = 512, vision: bool = False, seed: int = 0, text: dict | None = None,
+                     chat_ids: bool = False) -> Path:
+    """Directory d with a random model_config(vision, text) model (seed) and a byte-level BPE of
+    vocab_size trained on `texts` (tokenizer.json): what herd.load_model, the engine, the CLI, lm-eval
+    and the post-training stages read. The tokenizer puts the Llama 4 specials at the top of the id
+    range, where model_config puts the image tokens (checked); chat_ids also sets the model's BOS to
+    <|begin_of_text|> and its EOS to <|end_of_text|>, <|eom|>, <|eot|> (model_config's defaults
+    are ids 500 / 501, 508)."""
+    import herd
+    from herd.tokenizer_train import train_tokenizer
+
+    d = Path(d)
+    d.mkdir(parents=True, exist_ok=True)
+    tok = train_tokenizer(texts, vocab_size, d)
+    text = {"vocab_size": vocab_size, **(text or {})}
+    if chat_ids:
+        sp = tok.special_tokens
+        text.update(bos_token_id=sp["<|begin_of_text|>"],
+                    eos_token_id=[sp["<|end_of_text|>"], sp["<|eom|>"], sp["<|eot|>"]])
+    cfg = model_config(vision=vision, text=text)
+    if vision:
+        sp = tok.special_tokens
+        assert (sp["<|patch|>"], sp["<|image_start|>"], sp["<|image_end|>"]) == \
+            (cfg.image_token_index, cfg.boi_token_index, cfg.eoi_token_index)
+    herd.save_model(herd.build_model(cfg, seed=seed), d)
+    return d
 
 
 def load_transformers(model_dir, multimodal: bool):

@@ -33,14 +33,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    import herd
-    from herd.tokenizer_train import train_tokenizer
-    from tests.conftest import model_config
+    """A random text model (vocab 512) with a tokenizer trained on CORPUS (test_lm_eval_serve reuses it)."""
+    from tests.conftest import random_model_dir
 
-    d = tmp_path_factory.mktemp("lm_eval_model")
-    train_tokenizer(CORPUS, vocab_size=512, out_dir=d)
-    herd.save_model(herd.build_model(model_config(vision=False), seed=3).eval(), d)
-    return d
+    return random_model_dir(tmp_path_factory.mktemp("lm_eval_model"), CORPUS, 512, seed=3)
 
 
 @pytest.fixture(scope="module")

@@ -11,20 +11,8 @@ lm_eval = pytest.importorskip("lm_eval")
 
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from tests.evals.test_lm_eval_adapter import CORPUS, PAIRS  # noqa: E402
+from tests.evals.test_lm_eval_adapter import PAIRS, model_dir  # noqa: E402, F401 (model_dir is a fixture)
 from tests.serve.conftest import live_server  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    import herd
-    from herd.tokenizer_train import train_tokenizer
-    from tests.conftest import model_config
-
-    d = tmp_path_factory.mktemp("lm_eval_serve_model")
-    train_tokenizer(CORPUS, vocab_size=512, out_dir=d)
-    herd.save_model(herd.build_model(model_config(vision=False), seed=3).eval(), d)
-    return d
 
 
 def test_adapter_equals_local_completions_through_herd_serve(model_dir):

@@ -53,14 +53,10 @@ def test_a_model_that_knows_the_answers_scores_one_on_every_task():
 
 
 def test_herd_adapter_runs_every_task(tmp_path):
-    import herd
-    from herd.tokenizer_train import train_tokenizer
-    from tests.conftest import model_config
+    from tests.conftest import random_model_dir
 
     torch.set_num_threads(1)
-    train_tokenizer(["Calculate 5 - 3. The special magic number for apple is 1234567.\n" * 50], vocab_size=512,
-                    out_dir=tmp_path)
-    herd.save_model(herd.build_model(model_config(vision=False), seed=0).eval(), tmp_path)
+    random_model_dir(tmp_path, ["Calculate 5 - 3. The special magic number for apple is 1234567.\n" * 50], 512)
     res = lm_eval.simple_evaluate(model="herd", model_args=f"pretrained={tmp_path},max_length=512,batch_size=4",
                                   tasks=["herd"], task_manager=task_manager(), limit=2, bootstrap_iters=0)
     assert sorted(res["results"]) == TASKS

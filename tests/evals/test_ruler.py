@@ -12,7 +12,7 @@ import herd
 from herd.cli import main
 from herd.evals.ruler import (aggregate, effective_length, format_table, prompt_ids, run_ruler, string_match_all,
                               string_match_part)
-from tests.conftest import model_config
+from tests.conftest import random_model_dir
 
 
 def test_string_match_all_scores_containment_not_wording():
@@ -47,17 +47,11 @@ def test_effective_length_uses_both_thresholds():
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A random text model (vocab 512, chunk 16, NoPE every 4th) with a matching trained tokenizer."""
-    from herd.tokenizer_train import train_tokenizer
-
-    d = tmp_path_factory.mktemp("ruler-model")
     from herd.data.loader import training_texts
 
-    tok = train_tokenizer(list(training_texts(limit=5)), vocab_size=512, out_dir=d / "tok")
-    cfg = model_config(vision=False, text=dict(intermediate_size=32, intermediate_size_mlp=64, hidden_size=32,
-                                               max_position_embeddings=2048))
-    herd.save_model(herd.build_model(cfg, seed=1), d)
-    tok.save(d)
-    return d
+    return random_model_dir(tmp_path_factory.mktemp("ruler-model"), list(training_texts(limit=5)), 512, seed=1,
+                            text=dict(intermediate_size=32, intermediate_size_mlp=64, hidden_size=32,
+                                      max_position_embeddings=2048))
 
 
 def test_run_ruler_scores_what_the_engine_generates(model_dir):

@@ -10,9 +10,8 @@ import json
 
 import pytest
 
-import herd
 from herd.evals import skills
-from tests.conftest import model_config
+from tests.conftest import random_model_dir
 
 
 @pytest.fixture(autouse=True)
@@ -22,13 +21,9 @@ def _one_thread(one_thread):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from herd.tokenizer_train import train_tokenizer
-
-    d = tmp_path_factory.mktemp("skills_model")
-    train_tokenizer(["This is a handwritten digit 7. What is 12 + 5? calculator expression 0123456789\n" * 50],
-                    vocab_size=512, out_dir=d)
-    herd.save_model(herd.build_model(model_config(vision=True), seed=1).eval(), d)
-    return d
+    return random_model_dir(tmp_path_factory.mktemp("skills_model"),
+                            ["This is a handwritten digit 7. What is 12 + 5? calculator expression 0123456789\n" * 50],
+                            512, vision=True, seed=1)
 
 
 @pytest.fixture(scope="module")

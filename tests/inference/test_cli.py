@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import builtins
 import json
-import sys
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import herd
-from tests.conftest import model_config
+from tests.conftest import random_model_dir
 
 
 def run_cli(argv: list[str]) -> int:
@@ -27,15 +25,9 @@ def run_cli(argv: list[str]) -> int:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A random multimodal model (vocab 512) with a tokenizer trained to match its special ids."""
-    from herd.tokenizer_train import train_tokenizer
-
-    d = tmp_path_factory.mktemp("model")
     text = ["The quick brown fox jumps over the lazy dog. " * 40, "Hello world, how are you today? " * 40]
-    tok = train_tokenizer(text, vocab_size=512, out_dir=d / "tok")
-    cfg = model_config(vision=True, text=dict(intermediate_size=64, intermediate_size_mlp=128))
-    assert tok.special_tokens["<|patch|>"] == cfg.image_token_index
-    herd.save_model(herd.build_model(cfg, seed=1), d)
-    tok.save(d)
+    d = random_model_dir(tmp_path_factory.mktemp("model"), text, 512, vision=True, seed=1,
+                         text=dict(intermediate_size=64, intermediate_size_mlp=128))
     img = d / "img.png"
     Image.fromarray((np.random.default_rng(0).random((40, 60, 3)) * 255).astype("uint8")).save(img)
     return d

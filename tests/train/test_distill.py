@@ -301,23 +301,20 @@ TRAIN = dict(preset="tiny", width=128, layers=2, batch_size=2, seq_len=32, warmu
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    """A tokenizer of the tiny vocabulary, a data cache and a random teacher (wider than the student)."""
-    import herd
+def assets(tmp_path_factory, tiny_tokenizer):
+    """A tokenizer of the tiny vocabulary (tests/train/conftest.py), a data cache, a random teacher
+    (wider than the student) and texts for another tokenizer."""
     from herd.data import training_texts
     from herd.model.weights import save_model
     from herd.presets import scaled_tiny
     from herd.tokenizer import load_tokenizer
-    from herd.tokenizer_train import train_tokenizer
 
     root = tmp_path_factory.mktemp("distill")
-    vocab = herd.get_config("tiny").text.vocab_size
     texts = [t for _, t in zip(range(80), training_texts(limit=30))]
-    train_tokenizer(texts, vocab, root / "tok")
     teacher = root / "teacher"
     save_model(build_model(scaled_tiny(256, 2), seed=7), teacher)
-    load_tokenizer(root / "tok").save(teacher)
-    return {"tokenizer": str(root / "tok"), "data_cache": str(root / "cache"), "teacher": str(teacher),
+    load_tokenizer(tiny_tokenizer).save(teacher)
+    return {"tokenizer": tiny_tokenizer, "data_cache": str(root / "cache"), "teacher": str(teacher),
             "root": root, "texts": texts}
 
 

@@ -25,20 +25,16 @@ DENSE = str(Path(__file__).with_name("dense_train.py"))
 
 
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory):
-    from herd.data import training_texts
+def shared(tmp_path_factory, tiny_tokenizer):
     from herd.presets import scaled_tiny
     from herd.tokenizer import load_tokenizer
-    from herd.tokenizer_train import train_tokenizer
 
     root = tmp_path_factory.mktemp("distill_torchrun")
-    texts = [t for _, t in zip(range(120), training_texts(limit=40))]
-    train_tokenizer(texts, herd.get_config("tiny").text.vocab_size, root / "tok")
     cfg = scaled_tiny(384, 2)
     cfg.text.moe_layers = []
     save_model(herd.build_model(cfg, seed=5), root / "teacher")
-    load_tokenizer(root / "tok").save(root / "teacher")
-    return {"tokenizer": str(root / "tok"), "data_cache": str(root / "cache"), "teacher": str(root / "teacher")}
+    load_tokenizer(tiny_tokenizer).save(root / "teacher")
+    return {"tokenizer": tiny_tokenizer, "data_cache": str(root / "cache"), "teacher": str(root / "teacher")}
 
 
 def _herd(launcher: list[str], shared, out, *more: str) -> str:

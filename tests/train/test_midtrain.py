@@ -12,22 +12,17 @@ from safetensors.torch import load_file as read_safetensors
 import herd
 from herd.cli import main
 from herd.train.midtrain import MidtrainConfig, MixedSource, long_document, midtrain, parse_curriculum
-from tests.conftest import model_config
+from tests.conftest import random_model_dir
 
 
 @pytest.fixture(scope="module")
 def init_dir(tmp_path_factory):
     """A 'pre-trained' run directory: random text model (vocab 1024) + tokenizer + train_config.json."""
     from herd.data.loader import training_texts
-    from herd.tokenizer_train import train_tokenizer
 
-    d = tmp_path_factory.mktemp("pretrained")
-    tok = train_tokenizer(list(training_texts(limit=20)), vocab_size=1024, out_dir=d / "tok")
-    cfg = model_config(vision=False, text=dict(vocab_size=1024, hidden_size=32, intermediate_size=32,
-                                               intermediate_size_mlp=64, bos_token_id=tok.bos_id,
-                                               eos_token_id=[tok.eos_id], max_position_embeddings=256))
-    herd.save_model(herd.build_model(cfg, seed=3), d)
-    tok.save(d)
+    d = random_model_dir(tmp_path_factory.mktemp("pretrained"), list(training_texts(limit=20)), 1024, seed=3,
+                         chat_ids=True, text=dict(hidden_size=32, intermediate_size=32, intermediate_size_mlp=64,
+                                                  max_position_embeddings=256))
     (d / "train_config.json").write_text(json.dumps({"seq_len": 64, "mixture": {"shakespeare": 0.5, "python": 0.5}}))
     return d
 

@@ -14,7 +14,6 @@ import torch
 
 import herd
 from herd.model.weights import read_safetensors
-from herd.tokenizer_train import train_tokenizer
 from herd.train.trainer import TrainConfig, train
 
 COMMON = dict(preset="tiny", batch_size=4, seq_len=64, warmup=2, eval_every=4, eval_batches=2, log_every=1,
@@ -22,14 +21,9 @@ COMMON = dict(preset="tiny", batch_size=4, seq_len=64, warmup=2, eval_every=4, e
 
 
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory):
-    """A tokenizer of the tiny preset's size and a data cache shared by every run here."""
-    root = tmp_path_factory.mktemp("trainer")
-    from herd.data import training_texts
-
-    texts = [t for _, t in zip(range(120), training_texts(limit=40))]
-    train_tokenizer(texts, herd.get_config("tiny").text.vocab_size, root / "tok")
-    return {"tokenizer": str(root / "tok"), "data_cache": str(root / "cache")}
+def shared(tmp_path_factory, tiny_tokenizer):
+    """A tokenizer of the tiny preset's size (tests/train/conftest.py) and a data cache shared by every run here."""
+    return {"tokenizer": tiny_tokenizer, "data_cache": str(tmp_path_factory.mktemp("trainer") / "cache")}
 
 
 def run(out, shared, **kw):

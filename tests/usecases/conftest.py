@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import herd
-from tests.conftest import model_config
+from tests.conftest import random_model_dir
 
 CORPUS = ["The quick brown fox jumps over the lazy dog. def main(): return 0\n" * 40,
           "Hello world, how are you today? import os, sys; class Config: pass\n" * 40,
@@ -22,14 +21,8 @@ def _one_thread(one_thread):
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory):
-    from herd.tokenizer_train import train_tokenizer
-
-    d = tmp_path_factory.mktemp("usecase_model")
-    tok = train_tokenizer(CORPUS, vocab_size=512, out_dir=d)
-    cfg = model_config(vision=True, text=dict(intermediate_size=64, intermediate_size_mlp=128))
-    assert tok.special_tokens["<|patch|>"] == cfg.image_token_index
-    herd.save_model(herd.build_model(cfg, seed=1).eval(), d)
-    return d
+    return random_model_dir(tmp_path_factory.mktemp("usecase_model"), CORPUS, 512, vision=True, seed=1,
+                            text=dict(intermediate_size=64, intermediate_size_mlp=128))
 
 
 @pytest.fixture
