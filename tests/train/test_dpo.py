@@ -225,3 +225,8 @@ def test_head_on_completion_tokens_only_equals_full_logits():
     gh, gw = torch.autograd.grad((sums * torch.arange(1.0, N + 1, dtype=sums.dtype)).sum(), (h, w))
     torch.testing.assert_close(gh, gh_ref, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(gw, gw_ref, rtol=1e-6, atol=1e-6)
+
+
+def test_negative_sft_coef_is_refused():
+    with pytest.raises(ValueError, match="--sft-coef must be >= 0"):
+        DPOConfig(init="runs/sft", data="pairs.jsonl", sft_coef=-0.1).validate()
