@@ -50,8 +50,13 @@ with both, continuing the 400-step model (`--init`), left the teacher-forced cod
 held-out unsafe prompts at 0.378 (majority class S7: 0.375), and the code token's loss sits at the
 entropy of the category prior from the start: the model learns safe/unsafe from cues and never
 reads the prompt's topic. The data does carry the categories — a TF-IDF logistic regression on
-the same split names 78 % of them — so what is missing is training (a model from scratch sees
-each category's words ~1.5 times in 400 steps), not labels; see BENCHMARKS.md for the command.
+the same split names 78 % of them — and so does the model: a linear probe on the state that
+predicts the code names 0.51 of them at random initialisation (0.61 for the pruned base with
+global attention) but 0.26 after the scratch recipe, which erases what it does not read. The
+message-dependent part of that state is ~4 % of its norm, and a head trained alone on it needs
+thousands of full-batch steps (benchmarks/guard_categories.py, BENCHMARKS.md): the category is an
+optimisation (conditioning) problem at this compute, not a capacity or labelling one.
+`--head-only-steps` (LP-FT: the head first, the body frozen) is there for longer runs; unmeasured.
 
 Evaluation runs the saved directory through LlamaGuard.from_pretrained → scan (generation, the
 strict parser, the unsafe score) on the test split and writes OUT/guard_eval.json and a table
