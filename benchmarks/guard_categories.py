@@ -1,6 +1,6 @@
 """Why does the tiny Llama Guard not name the category? Probes of a trained guard's verdict position.
 
-    python benchmarks/guard_categories.py runs/tiny-guard [runs/tiny-guard-v2 ...] [--out benchmarks/results/guard_categories.json]
+    python benchmarks/guard_categories.py runs/tiny-guard [runs/tiny-guard-v2 ...] [--out RESULTS.json]
     python benchmarks/guard_categories.py --table runs/tiny-guard ...   # per S-code table from guard_eval.json
     python benchmarks/guard_categories.py --head-sim DIR                # can a head alone learn to read DIR's states?
 

@@ -438,7 +438,8 @@ def category_table(per_code: dict, bow: dict | None = None, verdict_f1: float | 
         if r is None or not r["support"]:
             lines.append(f"| {code} {CATEGORY_NAMES[code]} | 0 | no data | | |" + (" | | |" if bow else ""))
             continue
-        row = f"| {code} {CATEGORY_NAMES[code]} | {r['support']} | {f(r['precision'])} | {f(r['recall'])} | {f(r['f1'])} |"
+        row = (f"| {code} {CATEGORY_NAMES[code]} | {r['support']} | {f(r['precision'])} | {f(r['recall'])} | "
+               f"{f(r['f1'])} |")
         if bow:
             b = bow["per_code"][code]
             row += f" {f(b['precision'])} | {f(b['recall'])} | {f(b['f1'])} |"
