@@ -5,8 +5,9 @@ synchronous Ray workers, herd vs TRL's GRPOTrainer.
     python benchmarks/rl.py --claim hard --init runs/speedrun/sft --tasks chain_sum --seeds 0,1 --steps 40 \
         --out runs/bench_rl --result benchmarks/results/rl_hard_vs_uniform.json
     # samples/s, timing-dependent (an idle 2-core machine, ~4 min): sync, async, TRL at 1 and 8 prompts/step
-    python benchmarks/rl.py --claim timing --init runs/speedrun/sft --tasks chain_sum --steps 40 --eval-every 40 \
-        --out runs/bench_rl_timing --result benchmarks/results/rl_async_vs_sync.json
+    OMP_NUM_THREADS=1 python benchmarks/rl.py --claim timing --init runs/speedrun/sft --tasks chain_sum --steps 40 \
+        --eval-every 40 --trl-prompts 1,8 --trl-steps 5 --trl-threads 2 --trl-timeout 240 \
+        --out runs/bench_rl_idle --result benchmarks/results/rl_async_vs_sync.json
     # TRL's per-step time alone (no claim decided)
     python benchmarks/rl.py --claim timing --trl-only --init runs/speedrun/sft --out runs/bench_rl_trl
     python benchmarks/rl.py --smoke        # a random tiny model, 2 steps each: checks the script runs
