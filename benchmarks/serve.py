@@ -17,6 +17,9 @@ token (p50 / p99) at 1, 8, 32 and 64 concurrent streams, one run, same model, sa
     # (torch.profiler, 1 thread: op shares stay meaningful on a busy machine; --smoke: decode.py's
     # quick model instead of 552M)
     python benchmarks/serve.py --profile-engine [--smoke] --batches 1 8 32 --threads 1
+    # the load round without the server (C prompts at once into one Engine, run to the end): the
+    # engine's steps against the general forward, tokens/s by wall and by CPU time
+    python benchmarks/serve.py --engine-round --concurrency 32 --threads 1 [--smoke]
 
 Both servers get identical requests through the same endpoint, POST /v1/completions with
 `stream: true`, the prompt as token ids (so no tokenizer is involved: the random model has none
@@ -276,6 +279,67 @@ def profile_engine(args) -> None:
         Path(args.out).write_text(json.dumps(results, indent=2))
 
 
+def engine_round(args) -> None:
+    """The server benchmark's round without the server: for each C of --concurrency, C prompts of
+    --prompt-tokens (the same token ids) and --max-tokens new tokens each (greedy, no stop), all
+    added at once to one herd.Engine as `herd serve` builds it (max_batch C, prefill_chunk 512, prefix
+    store on) and run to the end; the engine's steps as they are now (one forward for decode rows and
+    prompt segments, herd.inference.batched) against the general forward with one forward per prompt
+    segment (batch_step=False), the two engines stepped in turn, --repeats rounds: generated tokens per
+    second of each engine's own steps, by wall clock and by CPU time."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import herd
+    from decode import model_config
+    from herd.inference.sampling import SamplingParams
+
+    torch.set_num_threads(args.threads)
+    if args.model:
+        model = herd.load_model(args.model, dtype=torch.bfloat16)
+    else:
+        model = herd.build_model(model_config(args.smoke), dtype=torch.bfloat16, seed=0)
+    vocab = model.config.text.vocab_size
+    results = []
+    for C in args.concurrency:
+        prompts = [[(7919 * (i + 1) * (j + 3)) % (vocab - 1000) + 500 for j in range(args.prompt_tokens)]
+                   for i in range(C)]
+        engines = {name: herd.Engine(model, max_batch=C, max_seq_len=args.prompt_tokens + args.max_tokens + 8,
+                                     prefill_chunk=512, prefix_cache_bytes=256 << 20, batch_step=name == "batched")
+                   for name in ("general", "batched")}
+        times = {name: ([], []) for name in engines}
+        for rep in range(args.repeats + 1):  # a short first round warms up (oneDNN builds its kernels)
+            spent = {name: [0.0, 0.0, 0] for name in engines}  # wall s, CPU s, tokens
+            for engine in engines.values():
+                for p in prompts:
+                    engine.add(p, SamplingParams(max_new_tokens=args.max_tokens if rep else 4, stop_token_ids=[]))
+            while any(e.has_work() for e in engines.values()):  # step by step in turn: the same load for both
+                for name, engine in engines.items():
+                    if engine.has_work():
+                        w, c = time.perf_counter(), time.process_time()
+                        events = engine.step()
+                        spent[name][0] += time.perf_counter() - w
+                        spent[name][1] += time.process_time() - c
+                        spent[name][2] += sum(ev.token is not None for ev in events)
+            for name, engine in engines.items():
+                engine.prefix.clear()  # the next round's identical prompts must prefill again
+                if rep:
+                    times[name][0].append(spent[name][2] / spent[name][0])
+                    times[name][1].append(spent[name][2] / spent[name][1])
+        row = {"concurrency": C, "threads": args.threads}
+        for name, (wall, cpu) in times.items():
+            row[f"{name}_tok_s"] = statistics.median(wall)
+            row[f"{name}_tok_cpu_s"] = statistics.median(cpu)
+        results.append(row)
+        print(f"C={C}: general {row['general_tok_s']:.1f} tok/s ({row['general_tok_cpu_s']:.1f} per CPU-s), "
+              f"batched {row['batched_tok_s']:.1f} tok/s ({row['batched_tok_cpu_s']:.1f} per CPU-s): "
+              f"{row['batched_tok_s'] / row['general_tok_s']:.2f}× by wall, "
+              f"{row['batched_tok_cpu_s'] / row['general_tok_cpu_s']:.2f}× by CPU", flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="HF directory of the model (herd side)")
@@ -293,6 +357,8 @@ def main() -> None:
                     "(in-process server; --model default: the tiny preset, random weights)")
     ap.add_argument("--profile-engine", action="store_true", help="per-op profile of the engine's decode step "
                     "at --batches (no server; --smoke: the quick model)")
+    ap.add_argument("--engine-round", action="store_true", help="the load round in-process, no server: the "
+                    "engine's steps against the general forward (--concurrency, --prompt-tokens, --max-tokens)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--images", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=5)
@@ -302,6 +368,8 @@ def main() -> None:
         return turn2(args)
     if args.profile_engine:
         return profile_engine(args)
+    if args.engine_round:
+        return engine_round(args)
     tmp = Path(tempfile.mkdtemp(prefix="herd-serve-bench-"))
     if args.smoke:
         args.model, args.tokenizer, vocab = smoke_model(tmp)

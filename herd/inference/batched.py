@@ -1,11 +1,14 @@
-"""The decode step at batch B: one token for each of B sequences, each at its own position, through a
-model prepared for inference (herd.inference.fast), with the per-step work hoisted and the MoE glue
-fused — what herd.inference.single does for batch 1, for continuous batching's decode.
+"""The engine's step at batch B: one token for each of B sequences, each at its own position (and
+the step's prompt segments), through a model prepared for inference (herd.inference.fast), with the
+per-step work hoisted and the MoE glue fused — what herd.inference.single does for batch 1.
 
     decoder = BatchDecoder.for_model(prepared)       # None where it does not apply
     logits = decoder(ids, cache)                     # ids [B, 1], the cache's selected rows → [B, vocab]
+    logits = decoder.step(cache, decode, segments)   # decode rows 0…n-1 and prompt segments, one forward
 
-herd.Engine holds one and engine.forward_step runs it for every decode step of two or more rows.
+herd.Engine holds one: each engine step is one `step` — the running rows' next tokens and the step's
+prompt segments (chunked prefill) together, so every weight is read once per step, not once for the
+decode rows and again for each prompt (a 128-token prompt alone reads nearly every expert too).
 
 Why. At B = 32 on the 552M / 123M-active benchmark model the step streams ≈ 960 MB of weights (the
 routed experts: 32 tokens over 16 experts touch nearly all of them), and the general forward
@@ -20,17 +23,19 @@ run through gate|up, chunked, passed through silu and mul, then down, unpadded, 
     and QK-normed together, kernels called directly (no module calls);
   * per MoE layer: one routing over all B rows (top-1 by argmax), one stable sort by expert, one
     gather of the gate-scaled rows; then per expert with rows only its two products (on views of
-    the sorted rows: no padding, no copies), the shared expert's gate|up and every expert's gate|up
+    the sorted rows: no padding or copies up to 4 rows), the shared expert's gate|up and every expert's gate|up
     concatenated so that silu(gate)·up runs once for the whole layer, and one index_add of the
     routed outputs onto the shared expert's.
-Attention stays the cache's (begin / attend / end): each row attends over its own cached positions
-(a mask hides the longer rows' extra keys; int8 keys and chunk rings work unchanged).
+Attention stays the cache's (plan / attend / end), per group: the decode rows together (each over
+its own cached positions; a mask hides the longer rows' extra keys), each prompt segment over its
+row (cached prefix + causal, chunk rings), int8 keys unchanged. Expert products over more than 4
+rows (prompt tokens) are padded to herd.inference.fast.bucket's row counts, as KernelExperts does.
 
 Exactness. The roundings are the general path's (same casts in the same places), so greedy tokens
 agree and logits agree to float32 rounding: an expert product over a different number of rows
-(the general path pads 5 → 8 rows) may sum in another order. tests/inference/test_batched.py
-checks it against the general forward at rows on different positions, across chunk boundaries,
-with rows leaving mid-batch, and through herd.Engine.
+may sum in another order. tests/inference/test_batched.py checks it against the general forward
+and the full model at rows on different positions, across chunk boundaries, decode rows and prompt
+segments in one forward, and through herd.Engine with rows joining and leaving mid-batch.
 """
 
 from __future__ import annotations

@@ -12,7 +12,9 @@ Protocol with herd/model (one attention implementation, in herd/model/attention.
   Llama4.forward reads `next_position`; Llama4.hidden_states calls `begin(positions)` once per
   forward (all per-step bookkeeping — write indices, masks — is done there, once, not per layer),
   each Attention layer calls `attend(layer, q, k, v, positions, chunk)`, and `end()` advances the
-  lengths. `select(start, count)` picks the rows the next forward covers (default: all).
+  lengths. `select(start, count)` picks the rows the next forward covers (default: all). A forward
+  over several groups of rows (herd.inference.batched: decode rows and prompt segments in one step)
+  makes one `plan(positions, row0, rows)` per group, passes it to `attend(..., plan=)`, then `end(plan)`.
 
 Rows may sit at different positions (batched decode, one token per row: masks come from the
 per-row lengths). Several tokens per row (prefill) need rows at the same position; the new

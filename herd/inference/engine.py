@@ -5,11 +5,14 @@
     for event in engine.run():          # or engine.step() from a serving loop
         print(event.seq_id, event.token, event.text, event.finish_reason)
 
-Each step (1) prefills up to `prefill_chunk` prompt tokens in all, from waiting sequences one
-after another while rows are free (chunked prefill: a long prompt is spread over steps, so running
+Each step (1) takes up to `prefill_chunk` prompt tokens in all, from waiting sequences one after
+another while rows are free (chunked prefill: a long prompt is spread over steps, so running
 sequences keep decoding; short prompts arriving together join the batch several per step instead
-of one per step), then (2) decodes one token for every running sequence in a single batched
-forward, each row at its own position. Live sequences occupy cache rows 0 … n-1; when one
+of one per step), and (2) the next token of every running sequence, each row at its own position,
+and runs them as one forward (herd.inference.batched.BatchDecoder.step: every weight is read once
+per step, as vLLM and llama-server batch prompt tokens with decode tokens). One running row alone
+takes the batch-1 step (herd.inference.single). Models the batched step does not run (mocks, other
+devices) take one forward per prompt segment, then one for the decode rows. Live sequences occupy cache rows 0 … n-1; when one
 finishes, the last row moves into its place, so the decode batch is always a contiguous view of
 the cache (no gather per step). Images are encoded once, when the sequence's prefill starts.
 
