@@ -7,7 +7,9 @@ rollout backend (in-process worker or Ray actors), (3) takes finished groups thr
 `StalenessBuffer`, scores them with the reward functions, updates each prompt's pass rate, drops
 groups whose rewards are all equal (zero advantage) and draws more prompts until the batch holds
 `prompts_per_step` groups or `refill_rounds` rounds are spent — then a smaller batch and a
-warning, never a crash. `GRPOObjective` turns a batch into the clipped loss (herd.train.rl.loss)
+warning, never a crash; (4) at --max-staleness ≥ 1, queues the next step's groups (as many as recent
+steps took) so the workers generate while the loop updates. Each step logs its timeline (`time/*`:
+the previous update, publish, waiting on rollouts, scoring, worker-seconds generating). `GRPOObjective` turns a batch into the clipped loss (herd.train.rl.loss)
 with the learner's own forward. Everything else — schedule, clipping, AdamW, metrics.jsonl,
 crash-safe checkpoints with the pool and RNG, --resume — is the shared loop's.
 
