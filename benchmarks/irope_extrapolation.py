@@ -199,15 +199,20 @@ def plot(results: dict, args, path: Path, ylabel: str = "string_match_all (0–1
                     lo.append(min(vals))
                     hi.append(max(vals))
             if xs:
-                ax.plot(xs, ys, "o-", label=f"{arm}: {ARMS[arm]}")
-                ax.fill_between(xs, lo, hi, alpha=0.15)
+                line, = ax.plot(xs, ys, "o-", label=f"{arm}: {ARMS[arm]} (mean)")
+                ax.fill_between(xs, lo, hi, alpha=0.15, color=line.get_color())
+                for seed in args.seeds:  # thin line per seed: a mean over seeds that learn or not hides the split
+                    per = [sum(r["score"] for r in recs) / len(recs) for m in xs
+                           if (recs := [r for r in results.get(f"{arm}/{seed}", []) if r["task"] == task and r["mult"] == m])]
+                    if len(per) == len(xs) and len(args.seeds) > 1:
+                        ax.plot(xs, per, "--", lw=0.8, alpha=0.6, color=line.get_color())
         ax.set_xscale("log", base=2)
         ax.set_xticks(args.mults, [f"{m}×" for m in args.mults])
         ax.set_xlabel(f"context length / training length (L = {args.train_length})")
         ax.set_title(task)
         ax.set_ylim(-5, 105)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel(ylabel)
+    axes[0].set_ylabel(ylabel + ("; dashed: one seed" if len(args.seeds) > 1 else ""))
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
