@@ -12,9 +12,9 @@ of one per step), and (2) the next token of every running sequence, each row at 
 and runs them as one forward (herd.inference.batched.BatchDecoder.step: every weight is read once
 per step, as vLLM and llama-server batch prompt tokens with decode tokens). One running row alone
 takes the batch-1 step (herd.inference.single). Models the batched step does not run (mocks, other
-devices) take one forward per prompt segment, then one for the decode rows. Live sequences occupy cache rows 0 … n-1; when one
-finishes, the last row moves into its place, so the decode batch is always a contiguous view of
-the cache (no gather per step). Images are encoded once, when the sequence's prefill starts.
+devices) take one forward per prompt segment, then one for the decode rows. Live sequences occupy
+cache rows 0 … n-1; when one finishes, the last row moves into its place, so the decode batch is
+always a contiguous view of the cache (no gather per step). Images are encoded once, when the sequence's prefill starts.
 
 Prefix reuse across requests (`prefix_cache_bytes` > 0): when a sequence finishes (stop or length;
 never a cancelled one) its cache row is copied into a bounded LRU store
@@ -27,9 +27,9 @@ count what it saved.
 The engine runs the model it is given prepared for inference (herd.inference.fast.inference_view:
 a trainable Llama4 is turned into a separate, prepared copy, cached until its weights change; the
 model itself is left untouched) and holds its own decode steps: herd.inference.single for one token
-of one sequence, herd.inference.batched for one token of each of several. An Engine serves the weights it was built with: after an optimizer
-step, build a new one (herd.generate does so on every call); `add` refuses requests once the
-source model's weights have changed.
+of one sequence, herd.inference.batched for one token of each of several. An Engine serves the
+weights it was built with: after an optimizer step, build a new one (herd.generate does so on every
+call); `add` refuses requests once the source model's weights have changed.
 
 `add` and `cancel` may be called from other threads; `step` runs in one thread.
 """
@@ -405,8 +405,8 @@ class Engine:
                 self.active.append(seq)
             else:
                 self._retain(seq, r)
-        done = [r for r in range(n)
-                if self._accept(self.active[r], out.tokens[r], out.logprobs[r], out.top_logprobs[r], events) is not None]
+        done = [r for r, seq in enumerate(self.active[:n])
+                if self._accept(seq, out.tokens[r], out.logprobs[r], out.top_logprobs[r], events) is not None]
         for r in done:
             self._retain(self.active[r], r)
         for r in reversed(done):
