@@ -351,12 +351,13 @@ class Engine:
         decodes from the next step on. One running row and no prompt: the batch-1 step."""
         n, row, budget = len(self.active), len(self.active), self.prefill_chunk
         segs = []  # (sequence, row, its prompt tokens run now, image features used)
-        seq = self.prefilling
+        seq, started = self.prefilling, []
         while True:  # prompt segments, one row each, until the step's token budget is spent
             if seq is None:
                 if not self.waiting or row >= self.max_batch:
                     break
                 seq = self.waiting.popleft()
+                started.append(seq)
                 self._start_prefill(seq, row)
             m = len(seq.prompt) - seq.prefilled
             m = m if budget is None else min(m, budget)
@@ -371,14 +372,19 @@ class Engine:
             if seq.prefilled + m < len(seq.prompt) or budget is None or budget <= 0:
                 break
             seq, row = None, row + 1
-        self.prefilling = None
         if not n and not segs:
             return
-        if n == 1 and not segs and self.decoder is not None:  # one row alone: the batch-1 step
-            logits = self.decoder(torch.tensor([[self.active[0].last]]), self.cache.select(0, 1))
-        else:
-            logits = self.batch_decoder.step(self.cache, [s.last for s in self.active],
-                                             [(r, ids, f) for _, r, ids, f, _ in segs], self.image_token)
+        try:
+            if n == 1 and not segs and self.decoder is not None:  # one row alone: the batch-1 step
+                logits = self.decoder(torch.tensor([[self.active[0].last]]), self.cache.select(0, 1))
+            else:
+                logits = self.batch_decoder.step(self.cache, [s.last for s in self.active],
+                                                 [(r, ids, f) for _, r, ids, f, _ in segs], self.image_token)
+        except BaseException:  # nothing advanced: the prompts started here wait again, in their order
+            self.prefilling = segs[0][0] if segs and segs[0][0] not in started else None
+            self.waiting.extendleft(reversed(started))
+            raise
+        self.prefilling = None
         want = list(range(n))  # logits rows to sample: every decode row and each prompt now complete
         for j, (seq, _, ids, _, used) in enumerate(segs):
             seq.prefilled += len(ids)

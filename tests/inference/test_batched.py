@@ -158,3 +158,38 @@ def test_batched_step_refuses_what_it_cannot_run():
     assert BatchDecoder.for_model(_model()) is None  # a trainable model: the general forward runs
     with pytest.raises(ValueError, match="prepared for inference"):
         BatchDecoder(_model())
+
+
+def test_a_failed_step_changes_nothing_and_the_engine_goes_on():
+    """An exception inside the forward (out of memory, a bug) leaves the rows, the prompt being
+    prefilled and the queue as they were: the next steps give the decodings of a run without it."""
+    model = _model()
+    prompts = _prompts(5)
+
+    def run(fail_at):
+        engine = Engine(model, max_batch=3, prefill_chunk=20)
+        step, calls = engine.batch_decoder.step, []
+
+        def flaky(*a):
+            calls.append(1)
+            if len(calls) == fail_at:
+                raise RuntimeError("injected")
+            return step(*a)
+
+        engine.batch_decoder.step = flaky
+        sids = [engine.add(p, SamplingParams(max_new_tokens=6, stop_token_ids=[])) for p in prompts]
+        out = {sid: [] for sid in sids}
+        while engine.has_work():
+            try:
+                events = engine.step()
+            except RuntimeError:
+                continue
+            for ev in events:
+                if ev.token is not None:
+                    out[ev.seq_id].append(ev.token)
+        return [out[sid] for sid in sids]
+
+    clean = run(fail_at=0)
+    assert all(len(t) == 6 for t in clean)
+    for fail_at in (1, 2, 4):  # the first prompts' step, one with a prompt half prefilled, one with rows decoding
+        assert run(fail_at) == clean, fail_at
