@@ -226,8 +226,13 @@ class KVCache:
         if T == 1:  # decode: write each row's token at its own index, then attend over [0, len]
             if not same:
                 plan["row_idx"] = torch.arange(r0, r0 + B, device=self.device)
+            plan["keys"], plan["ragged"] = {}, {}
             for c in set(self.chunks):
-                plan[c] = self._decode_plan(lens if c is None else [n % c for n in lens], same)
+                idx = lens if c is None else [n % c for n in lens]
+                plan[c] = self._decode_plan(idx, same)
+                # keys each row attends to; padding every row to the longest would more than double them
+                plan["keys"][c] = [i + 1 for i in idx]
+                plan["ragged"][c] = 2 * (sum(idx) + B) < B * (max(idx) + 1)
         return plan
 
     def _decode_plan(self, idx: list[int], same: bool) -> tuple:
@@ -300,10 +305,17 @@ class KVCache:
             self._write(layer, rows, slice(first, first + 1), k, v)
         else:
             self._write(layer, p["row_idx"], idx, k, v)
-        if self._native_decode is not None and mask is None and q.shape[0] == 1 and not self._is_int8(layer):
-            r, D = rows.start, self.head_dim  # one row: its query heads [h, D] over keys [kv, hi, D]
-            out = self._native_decode(q.view(-1, D), self.k[layer][r, :, :hi], self.v[layer][r, :, :hi], D ** -0.5)
-            return out.view(q.shape)
+        if self._native_decode is not None and not self._is_int8(layer):
+            D = self.head_dim
+            if mask is None and q.shape[0] == 1:  # one row: its query heads [h, D] over keys [kv, hi, D]
+                r = rows.start
+                out = self._native_decode(q.view(-1, D), self.k[layer][r, :, :hi], self.v[layer][r, :, :hi], D ** -0.5)
+                return out.view(q.shape)
+            if mask is not None and p["ragged"][chunk]:  # rows of very different lengths: each over its own
+                K, V, out = self.k[layer], self.v[layer], torch.empty_like(q)  # keys, no padding to the longest
+                for b, (r, n) in enumerate(zip(range(rows.start, rows.stop), p["keys"][chunk])):
+                    out[b, :, 0] = self._native_decode(q[b, :, 0], K[r, :, :n], V[r, :, :n], D ** -0.5)
+                return out
         return merge_attention(self._read_parts(layer, q, rows, hi, mask))
 
     def _prefill_global(self, layer, q, k, v, p):

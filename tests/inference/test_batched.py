@@ -193,3 +193,25 @@ def test_a_failed_step_changes_nothing_and_the_engine_goes_on():
     assert all(len(t) == 6 for t in clean)
     for fail_at in (1, 2, 4):  # the first prompts' step, one with a prompt half prefilled, one with rows decoding
         assert run(fail_at) == clean, fail_at
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_of_very_different_lengths_attend_without_padding_to_the_longest(dtype):
+    """A 60-token row among 3–5-token rows: each row attends over its own keys (herd's native
+    single-query attention per row where it loads) instead of all being padded to 60 and masked."""
+    model = _model(dtype)
+    fast = optimize_for_inference(model)
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(0, 500, (n,), generator=g).tolist() for n in (3, 60, 4, 5)]
+    feed = _feed(4, seed=7)
+    cache = KVCache.for_model(fast, 4, 64)
+    with torch.inference_mode():
+        for r, p in enumerate(prompts):
+            forward_step(fast, torch.tensor([p]), cache.select(r, 1))
+        plan = cache.plan(torch.tensor([[3], [60], [4], [5]]), 0, 4)
+        assert plan["keys"][None] == [4, 61, 5, 6] and plan["ragged"][None] and not plan["ragged"][16]
+    got = _run(fast, prompts, feed, BatchDecoder(fast))
+    with torch.no_grad():
+        for r, p in enumerate(prompts):
+            full = model(torch.tensor([p + feed[:, r, 0].tolist()])).float()[0, len(p):]
+            assert (got[:, r] - full).abs().max().item() <= (1e-4 if dtype == torch.float32 else 0.1), r
