@@ -31,9 +31,9 @@ its own cached positions; a mask hides the longer rows' extra keys), each prompt
 row (cached prefix + causal, chunk rings), int8 keys unchanged. Expert products over more than 4
 rows (prompt tokens) are padded to herd.inference.fast.bucket's row counts, as KernelExperts does.
 
-Measured on the shared 2-core Xeon (1 thread, provisional; BENCHMARKS.md, "Serving"): decode at
-batch 32 1.17× the general forward by wall clock and 1.22× by CPU time; the 32-stream load round
-(32 × 128-token prompts, 128 new tokens each) 1.18× / 1.14×.
+Measured on the shared 2-core Xeon (1 thread, loaded, provisional; BENCHMARKS.md, "Serving"):
+decode at batch 32 1.05–1.34× the general forward (three runs, by CPU time); the 32-stream load
+round (32 × 128-token prompts, 128 new tokens each) 1.18× by wall clock, 1.14× by CPU time.
 
 Exactness. The roundings are the general path's (same casts in the same places), so greedy tokens
 agree and logits agree to float32 rounding: an expert product over a different number of rows
