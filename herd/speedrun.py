@@ -47,7 +47,7 @@ FULL = dict(base=["--max-steps", "600", "--align-start", "150", "--align-steps",
             mid=["--max-steps", "60", "--curriculum", "512:0.5,2048:0.5"],
             sft_data=["--per-task", "200"], sft=["--max-steps", "150", "--prune", "0.5", "--seq-len", "512", "--skip-bad"],
             rl=["--max-steps", "30", "--workers", "1"], pairs=["--limit", "128", "--use-reference"],
-            dpo=["--max-steps", "60"], pg=[], lg=["--max-steps", "200"],
+            dpo=["--max-steps", "60"], pg=[], lg=["--max-steps", "400"],  # 200 left the verdict at the prior in one of two runs
             ruler=["--tasks", "niah_single_1,niah_multikey_1", "--lengths", "512,2k", "--samples", "10"],
             lm=["--limit", "100"], skills=["--limit", "40"], usecases=["--limit", "20", "--lengths", "1024,2048"])
 QUICK = dict(base=["--max-steps", "4", "--batch-size", "2", "--seq-len", "64", "--max-docs", "10",
