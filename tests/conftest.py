@@ -98,10 +98,21 @@ def transformers_logits(hf, input_ids, pixel_values=None, image_token_index=None
     return hf.language_model(inputs_embeds=emb).logits
 
 
+def _torch_threads(n: int):
+    """torch on n threads for the test, then back to what it was (the body of the thread fixtures)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def one_thread():
     """torch on one thread for the test, then back (suites that start servers, engines or lm-eval)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    yield from _torch_threads(1)
+
+
+@pytest.fixture
+def two_threads():
+    """torch on two threads for the test, then back (code paths that only run with more than one thread)."""
+    yield from _torch_threads(2)

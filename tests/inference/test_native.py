@@ -39,15 +39,7 @@ def test_the_kernels_build_and_load_here():
 
 # every compiled variant of the products (rows × prefetch × thread split), then the setting in use
 VARIANTS = [*autotune.VARIANTS, ()]
-
-
-@pytest.fixture
-def two_threads():
-    """The chunked thread splits only run with more than one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+# two_threads (tests/conftest.py): the chunked thread splits only run with more than one thread
 
 
 def _weights(N, K, seed=0):
